@@ -1,0 +1,113 @@
+"""A one-layer transformer in the style of "Towards Monosemanticity".
+
+Token + learned position embeddings, one pre-LayerNorm causal attention block, one MLP block
+whose hidden activations (after the nonlinearity) are the "neurons" the SAE decomposes,
+a final LayerNorm and the unembedding. Shapes: B batch, T positions, D d_model, M d_mlp, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MLPHook = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    ctx_len: int
+    d_model: int = 128
+    d_mlp: int = 512
+    n_heads: int = 4
+    act_fn: str = "relu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ForwardOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, V]
+    mlp_acts: torch.Tensor | None  # [B, T, M] post-nonlinearity neurons, when asked for
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.W_qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.W_o = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.W_qkv(x_BTD).split(D, dim=-1)
+        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        z_BHTd = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.W_o(z_BHTd.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.W_in = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.W_out = nn.Linear(cfg.d_mlp, cfg.d_model)
+        self.act = nn.ReLU() if cfg.act_fn == "relu" else nn.GELU()
+
+    def forward(self, x_BTD: torch.Tensor, hook: MLPHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output, neurons); ``hook`` may replace the neurons before the output projection."""
+        acts_BTM = self.act(self.W_in(x_BTD))
+        used_BTM = acts_BTM if hook is None else hook(acts_BTM)
+        return self.W_out(used_BTM), acts_BTM
+
+
+class OneLayerTransformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_E = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.W_pos = nn.Embedding(cfg.ctx_len, cfg.d_model)
+        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln_mlp = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.ln_final = nn.LayerNorm(cfg.d_model)
+        self.W_U = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(_init_weights)
+
+    def forward(self, tokens_BT: torch.Tensor, return_mlp: bool = False, mlp_hook: MLPHook | None = None) -> ForwardOutput:
+        """Logits for every position; the MLP neurons too when ``return_mlp`` (same pass, no extra cost).
+
+        ``mlp_hook`` maps the neurons [B, T, M] to what the MLP's output projection sees instead:
+        an SAE reconstruction splices it in, ``torch.zeros_like`` ablates the MLP.
+        """
+        T = tokens_BT.shape[1]
+        resid_BTD = self.W_E(tokens_BT) + self.W_pos(torch.arange(T, device=tokens_BT.device))
+        resid_BTD = resid_BTD + self.attn(self.ln_attn(resid_BTD))
+        mlp_out_BTD, acts_BTM = self.mlp(self.ln_mlp(resid_BTD), mlp_hook)
+        resid_BTD = resid_BTD + mlp_out_BTD
+        logits_BTV = self.W_U(self.ln_final(resid_BTD))
+        return ForwardOutput(logits_BTV, acts_BTM if return_mlp else None)
+
+    def neuron_logit_weights(self) -> torch.Tensor:
+        """Direct effect of each neuron on the logits [M, V]: W_out then W_U, through the final
+        LayerNorm's affine part (the paper's LayerNorm approximation: scale treated as constant)."""
+        ln = self.ln_final
+        return (self.mlp.W_out.weight.T * ln.weight) @ self.W_U.weight.T
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+def cross_entropy(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats): position t predicts token t + 1."""
+    return F.cross_entropy(logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]), tokens_BT[:, 1:].reshape(-1))

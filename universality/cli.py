@@ -1,0 +1,64 @@
+"""The ``univ`` command line. Each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from universality.config import DEFAULT_PRESET, preset_names
+from universality.errors import UnivError
+
+
+class Group(click.Group):
+    """Turns a ``UnivError`` from any command into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UnivError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="univ")
+def main() -> None:
+    """Feature universality: train transformers across seeds, fit SAEs, match their features."""
+
+
+def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        seeds = [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers, e.g. 3,7,11") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise click.BadParameter("expected distinct non-negative integers, e.g. 3,7,11")
+    return seeds
+
+
+@main.command()
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Number of seeds (0..N-1). Default 2.")
+@click.option("--seed-list", callback=_seed_list, help="Explicit seeds, e.g. 3,7,11 (instead of --seeds).")
+@click.option("--preset", type=click.Choice(preset_names()), default=DEFAULT_PRESET, show_default=True)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML/JSON config laid over the preset.")
+@click.option("--corpus", default=None, help="'stdlib', a text file or folder, or hf:NAME[:SPLIT].")
+@click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def run(seeds, seed_list, preset, config_file, corpus, results_dir, device) -> None:
+    """Train one transformer per seed, fit an SAE on each, and compare every pair."""
+    from universality import pipeline
+    from universality.config import load_config, load_preset
+
+    if seeds is not None and seed_list is not None:
+        raise click.UsageError("give --seeds or --seed-list, not both")
+    chosen = seed_list if seed_list is not None else list(range(seeds if seeds is not None else 2))
+    cfg = load_preset(preset)
+    if config_file is not None:
+        cfg = load_config(config_file, base=cfg)
+    if corpus is not None:
+        cfg = cfg.replace(data={"corpus": corpus})
+    pipeline.run(cfg, chosen, results_dir=results_dir, device=device)

@@ -1,0 +1,225 @@
+"""The whole configuration surface of an experiment, as dataclasses.
+
+Every field's comment is its documentation. Presets live in ``experiments/*.toml``;
+a user config file is a TOML (or JSON) document with the same sections, and any field
+left out keeps the preset's (or the default's) value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from universality.errors import ConfigError
+
+DEFAULT_PRESET = "quick"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpus, tokenizer and the token splits shared by every seed."""
+
+    corpus: str = "stdlib"  # "stdlib", a file or folder path, or "hf:NAME[:SPLIT]"
+    vocab_size: int = 4096  # byte-level BPE vocabulary size
+    max_tokens: int = 4_000_000  # cap on corpus tokens kept (0 = no cap)
+    heldout_tokens: int = 131_072  # fixed held-out tail, identical for every seed
+    ctx_len: int = 128  # context length of the transformer
+
+    def __post_init__(self) -> None:
+        _require(self.vocab_size >= 300, "data.vocab_size must be at least 300 (256 bytes + merges)")
+        _require(self.max_tokens >= 0, "data.max_tokens must be >= 0")
+        _require(self.ctx_len >= 2, "data.ctx_len must be at least 2")
+        _require(self.heldout_tokens >= 2 * self.ctx_len, "data.heldout_tokens must cover two contexts")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The one-layer transformer (the paper: d_model 128, d_mlp 512, ReLU)."""
+
+    d_model: int = 128
+    d_mlp: int = 512  # MLP neurons: the activations the SAE decomposes
+    n_heads: int = 4
+    act_fn: str = "relu"  # "relu" | "gelu"
+
+    def __post_init__(self) -> None:
+        _require(self.act_fn in ("relu", "gelu"), f"model.act_fn must be 'relu' or 'gelu', not {self.act_fn!r}")
+        _require(self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads")
+        _require(self.d_mlp >= 1 and self.d_model >= 1, "model dimensions must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Transformer training: AdamW, linear warm-up then cosine decay, gradient clipping."""
+
+    steps: int = 2000
+    batch_size: int = 32  # sequences per step
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    eval_every: int = 200  # steps between held-out evaluations
+    eval_batches: int = 8  # held-out batches per intermediate evaluation (the final one uses all)
+    checkpoint_every: int = 500  # steps between resumable checkpoints
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "train.steps must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _require(self.lr > 0, "train.lr must be > 0")
+        _require(0 <= self.warmup_steps <= self.steps, "train.warmup_steps must be within [0, train.steps]")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Sparse autoencoder on the MLP activations ("Towards Monosemanticity"; TopK after Gao et al.)."""
+
+    arch: str = "relu"  # "relu" (ReLU + L1, the paper's) | "topk"
+    dict_size: int = 4096  # number of features (the paper's A/1: 4096 = 8 x 512)
+    l1_coeff: float = 0.004  # lambda of the L1 penalty (the paper's value, for normalized inputs)
+    k: int = 32  # active features per token, TopK only
+    aux_k_coeff: float = 1 / 32  # AuxK loss coefficient, TopK only
+    lr: float = 1e-3  # Adam learning rate
+    batch_size: int = 4096  # activations per step (the paper: 8192)
+    samples: int = 2_000_000  # activation vectors seen in training
+    buffer_size: int = 262_144  # shuffling buffer of activations
+    resample_fractions: tuple[float, ...] = (0.025, 0.05, 0.075, 0.1)  # resampling points, as run fractions
+    dead_window_fraction: float = 0.0125  # "no firing in the previous N steps", as a run fraction
+    resample_inputs: int = 81_920  # inputs on which the loss is computed to pick resampling targets
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ("relu", "topk"), f"sae.arch must be 'relu' or 'topk', not {self.arch!r}")
+        _require(self.dict_size >= 1, "sae.dict_size must be >= 1")
+        _require(self.arch != "topk" or 1 <= self.k < self.dict_size, "sae.k must be in [1, sae.dict_size)")
+        _require(self.l1_coeff >= 0, "sae.l1_coeff must be >= 0")
+        _require(self.lr > 0, "sae.lr must be > 0")
+        _require(self.batch_size >= 1 and self.samples >= self.batch_size, "sae.samples must be >= sae.batch_size")
+        object.__setattr__(self, "resample_fractions", tuple(self.resample_fractions))
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Cross-seed matching on the shared held-out tokens."""
+
+    tokens: int = 131_072  # held-out tokens over which activations are correlated
+    thresholds: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
+    min_firings: int = 10  # features firing on fewer held-out tokens are too rare to correlate
+    randomized_baseline: bool = True  # also compare SAEs on two weight-shuffled copies of a model
+    n_bootstrap: int = 1000  # bootstrap resamples for confidence intervals
+    top_k_examples: int = 10  # top activating contexts kept per feature
+    context_tokens: int = 8  # tokens of context on each side of an example
+
+    def __post_init__(self) -> None:
+        _require(self.tokens >= 1, "compare.tokens must be >= 1")
+        _require(all(0 < t < 1 for t in self.thresholds), "compare.thresholds must lie in (0, 1)")
+        object.__setattr__(self, "thresholds", tuple(self.thresholds))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: the same corpus and settings for every seed."""
+
+    name: str = DEFAULT_PRESET
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted ``section.field`` -> value, for MLflow params and cache keys."""
+        return {
+            f"{section}.{key}" if isinstance(values, dict) else section: value
+            for section, values in self.to_dict().items()
+            for key, value in (values.items() if isinstance(values, dict) else [(None, values)])
+        }
+
+    def replace(self, **sections: Any) -> "ExperimentConfig":
+        """A copy with some sections' fields replaced: ``cfg.replace(sae={"arch": "topk"})``."""
+        return from_dict(_merge(self.to_dict(), sections))
+
+
+_SECTION_CLASSES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sae": SAEConfig,
+    "compare": CompareConfig,
+}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build a validated config; unknown sections or fields are errors, not silently ignored."""
+    unknown = set(raw) - set(_SECTION_CLASSES) - {"name"}
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    sections = {}
+    for name, cls in _SECTION_CLASSES.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section [{name}] must be a table")
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = set(values) - known
+        if bad:
+            raise ConfigError(f"unknown field(s) in [{name}]: {', '.join(sorted(bad))}")
+        try:
+            sections[name] = cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"bad value in [{name}]: {exc}") from None
+    return ExperimentConfig(name=str(raw.get("name", "custom")), **sections)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in resources.files("experiments").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> ExperimentConfig:
+    """A named preset from ``experiments/`` (shipped as package data, so it works installed)."""
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(preset_names())})")
+    text = resources.files("experiments").joinpath(f"{name}.toml").read_text()
+    return from_dict({"name": name, **tomllib.loads(text)})
+
+
+def load_config(path: Path, base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """A user config file (TOML or JSON) laid over ``base`` (or its own ``preset`` key, or the default)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"malformed config file {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"malformed config file {path}: expected a table of sections")
+    preset = raw.pop("preset", None)
+    start = load_preset(preset) if preset else (base or load_preset(DEFAULT_PRESET))
+    merged = _merge(start.to_dict(), raw)
+    merged["name"] = raw.get("name", Path(path).stem)
+    return from_dict(merged)

@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints their message on one line and exits non-zero."""
+
+
+class UnivError(Exception):
+    """A problem with the user's input or environment, not a bug: shown without a traceback."""
+
+
+class ConfigError(UnivError):
+    """An invalid configuration value, preset or config file."""
+
+
+class DataError(UnivError):
+    """An unusable corpus, activation file or other input data."""
+
+
+class TrainingDiverged(UnivError):
+    """A training loss became NaN or infinite."""
