@@ -62,3 +62,26 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device) -> N
     if corpus is not None:
         cfg = cfg.replace(data={"corpus": corpus})
     pipeline.run(cfg, chosen, results_dir=results_dir, device=device)
+
+
+@main.command()
+@click.argument("acts_a", type=click.Path(path_type=Path))
+@click.argument("acts_b", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Table of A's features: .csv or .parquet.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Report the fraction of A's features whose best partner exceeds this (default: the config's thresholds).")
+@click.option("--min-firings", type=click.IntRange(min=1), default=None,
+              help="Leave out features firing on fewer tokens (default: the config's compare.min_firings).")
+def match(acts_a, acts_b, out, threshold, min_firings) -> None:
+    """Match the features of two activation matrices over the same tokens (.npy dense or .npz sparse, N x F)."""
+    import dataclasses
+
+    from universality.config import CompareConfig
+    from universality.match_files import match_activation_files
+
+    cfg = CompareConfig() if min_firings is None else dataclasses.replace(CompareConfig(), min_firings=min_firings)
+    stats = match_activation_files(acts_a, acts_b, out, cfg, threshold=threshold)
+    for key, value in stats.items():
+        if not key.startswith("decile"):  # the per-density-decile breakdown is in the library's dict
+            click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    click.echo(f"wrote {out}")
