@@ -1,0 +1,96 @@
+"""SAE checkpoints as SAELens lays them out: ``cfg.json`` + ``sae_weights.safetensors`` (+ ``metrics.json``).
+
+Every file is written atomically (temp file in the same folder, then ``os.replace``), and a
+``COMPLETE`` marker is written last and removed first: a crashed save never looks finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.base import SAE
+from sae.registry import build_sae
+from sae.training import TrainedSAE
+from universality.config import SAEConfig
+from universality.errors import ConfigError, DataError
+
+CFG_FILE, WEIGHTS_FILE, METRICS_FILE, COMPLETE_MARKER = "cfg.json", "sae_weights.safetensors", "metrics.json", "COMPLETE"
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint into ``out_dir`` (created if needed); returns it. With a ``TrainedSAE``,
+    its history, resampling events and input scale go into ``metrics.json`` too."""
+    sae = trained_or_sae.sae if isinstance(trained_or_sae, TrainedSAE) else trained_or_sae
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / COMPLETE_MARKER).unlink(missing_ok=True)
+
+    tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in PARAM_NAMES}
+    _atomic_write(out / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+    sae_cfg = {"architecture": sae.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
+               **dataclasses.asdict(cfg)}
+    all_metrics = dict(metrics or {})
+    if isinstance(trained_or_sae, TrainedSAE):
+        sae_cfg["input_scale_folded"] = trained_or_sae.input_scale
+        all_metrics.update(history=trained_or_sae.history, resampling_events=trained_or_sae.resampling_events,
+                           input_scale=trained_or_sae.input_scale)
+    _atomic_write_text(out / CFG_FILE, json.dumps(sae_cfg, indent=2))
+    _atomic_write_text(out / METRICS_FILE, json.dumps(all_metrics, indent=2, default=_jsonable))
+    _atomic_write_text(out / COMPLETE_MARKER, "")
+    return out
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a fully written checkpoint."""
+    return (Path(out_dir) / COMPLETE_MARKER).exists()
+
+
+def load_sae(out_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """The SAE saved in ``out_dir`` (safetensors only: nothing is unpickled)."""
+    out = Path(out_dir)
+    if not is_complete(out):
+        raise DataError(f"{out} is not a complete SAE checkpoint (no {COMPLETE_MARKER} marker)")
+    raw = json.loads((out / CFG_FILE).read_text())
+    fields = {f.name for f in dataclasses.fields(SAEConfig)}
+    cfg = SAEConfig(**{key: value for key, value in raw.items() if key in fields})
+    if cfg.dict_size != raw["d_sae"] or cfg.arch != raw["architecture"]:
+        raise ConfigError(f"{out / CFG_FILE} is inconsistent (dict_size/d_sae or arch/architecture differ)")
+    sae = build_sae(cfg, raw["d_in"])
+    tensors = load_file(str(out / WEIGHTS_FILE))
+    with torch.no_grad():
+        for name in PARAM_NAMES:
+            getattr(sae, name).copy_(tensors[name])
+    return sae.to(device)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to metrics.json")

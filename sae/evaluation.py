@@ -1,0 +1,87 @@
+"""How good an SAE is: reconstruction and sparsity on held-out activations, and loss recovered
+when its reconstruction is spliced into the model."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.transformer import cross_entropy
+from sae.base import SAE
+from universality.errors import DataError
+
+DENSE_DENSITY = 0.1  # fires on more than 10% of tokens: λ is probably too low
+ULTRALOW_DENSITY = 1e-6  # the paper's "ultralow density" cluster (fires, but rarer than 1 in a million)
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor]) -> dict[str, Any]:
+    """Metrics over held-out activation batches [B, D] (raw scale, as the saved SAE expects).
+
+    mse (mean over elements), fvu (squared error / total variance), l0 and l1 per token, the
+    fractions of dead (never fired) and dense features, the ultralow-density count, each feature's
+    firing frequency ("densities") and a histogram of log10 density over the features that fired."""
+    device = sae.W_dec.device
+    n = 0
+    sq_err = l0 = l1 = 0.0
+    sum_D = sum_sq_D = None
+    fired_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
+    for batch in activation_batches:
+        x_BD = batch.to(device, torch.float32)
+        out = sae(x_BD)
+        active_BF = out.f > 0
+        n += len(x_BD)
+        sq_err += float((out.x_hat - x_BD).double().pow(2).sum())
+        l0 += float(active_BF.sum())
+        l1 += float(out.f.double().sum())
+        fired_F += active_BF.sum(dim=0)
+        x64 = x_BD.double()
+        sum_D = x64.sum(0) if sum_D is None else sum_D + x64.sum(0)
+        sum_sq_D = x64.pow(2).sum(0) if sum_sq_D is None else sum_sq_D + x64.pow(2).sum(0)
+    if n == 0:
+        raise DataError("no held-out activations to evaluate the SAE on")
+    total_var = float((sum_sq_D - sum_D.pow(2) / n).sum())
+    densities = (fired_F / n).cpu().numpy()
+    log_d = np.log10(densities[densities > 0])
+    counts, edges = np.histogram(log_d, bins=20, range=(min(-8.0, float(log_d.min(initial=0))), 0.0))
+    return {
+        "tokens": n,
+        "mse": sq_err / (n * sae.d_in),
+        "fvu": sq_err / total_var if total_var > 0 else float("nan"),
+        "l0": l0 / n,
+        "l1": l1 / n,
+        "dead_fraction": float((densities == 0).mean()),
+        "dense_fraction": float((densities > DENSE_DENSITY).mean()),
+        "ultralow_count": int(((densities > 0) & (densities < ULTRALOW_DENSITY)).sum()),
+        "densities": densities,
+        "log10_density_hist": {"edges": edges.tolist(), "counts": counts.tolist()},
+    }
+
+
+@torch.no_grad()
+def loss_recovered(
+    model: torch.nn.Module, sae: SAE, token_batches: Iterable[Tensor], device: str | torch.device,
+) -> dict[str, float]:
+    """Cross-entropy with clean MLP neurons, with the SAE's reconstruction spliced in, and with the
+    MLP zero-ablated; loss recovered = 1 − (CE_sae − CE_clean) / (CE_zero − CE_clean)."""
+
+    def splice(acts_BTM: Tensor) -> Tensor:
+        return sae(acts_BTM.reshape(-1, acts_BTM.shape[-1])).x_hat.reshape(acts_BTM.shape)
+
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0}
+    n_tokens = 0
+    for batch in token_batches:
+        tokens_BT = torch.as_tensor(batch, dtype=torch.long).to(device)
+        weight = tokens_BT.shape[0] * (tokens_BT.shape[1] - 1)  # predicted positions in this batch
+        for key, hook in (("ce_clean", None), ("ce_sae", splice), ("ce_zero_ablation", torch.zeros_like)):
+            totals[key] += weight * float(cross_entropy(model(tokens_BT, mlp_hook=hook).logits, tokens_BT))
+        n_tokens += weight
+    if n_tokens == 0:
+        raise DataError("no token batches to measure loss recovered on")
+    ce = {key: total / n_tokens for key, total in totals.items()}
+    gap = ce["ce_zero_ablation"] - ce["ce_clean"]
+    ce["loss_recovered"] = 1 - (ce["ce_sae"] - ce["ce_clean"]) / gap if gap != 0 else float("nan")
+    return ce

@@ -1,0 +1,50 @@
+"""Resampling dead features, as the paper's appendix describes.
+
+A dead feature gets a new direction taken from an input the SAE reconstructs badly: inputs are
+sampled with probability ∝ loss², the decoder vector becomes the normalized input (after
+subtracting b_dec), the encoder vector the same direction scaled to 0.2 × the mean norm of the
+alive encoder vectors, the encoder bias 0; Adam's moments for every touched entry are reset.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae.base import SAE
+
+ENCODER_NORM_FACTOR = 0.2  # the paper's 0.2 × mean alive encoder norm
+
+
+@torch.no_grad()
+def resample_dead(
+    sae: SAE, optimizer: torch.optim.Optimizer, dead_F: Tensor, inputs_ND: Tensor, generator: torch.Generator,
+    chunk: int = 8192,
+) -> int:
+    """Re-initialise the features marked in ``dead_F`` from ``inputs_ND``; returns how many."""
+    dead_idx = dead_F.nonzero().squeeze(1)
+    n_dead = len(dead_idx)
+    if n_dead == 0:
+        return 0
+    loss_N = torch.cat([sae.per_input_loss(x) for x in inputs_ND.split(chunk)])
+    weights_N = loss_N.double().pow(2)
+    if not weights_N.sum() > 0:  # perfect reconstruction everywhere: sample uniformly
+        weights_N = torch.ones_like(weights_N)
+    enough = int((weights_N > 0).sum()) >= n_dead
+    picks = torch.multinomial(weights_N.cpu(), n_dead, replacement=not enough, generator=generator)
+    x_bar_KD = inputs_ND[picks.to(inputs_ND.device)] - sae.b_dec
+    directions_KD = x_bar_KD / x_bar_KD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    alive_F = ~dead_F
+    enc_norms_F = sae.W_enc.norm(dim=0)
+    alive_norm = float(enc_norms_F[alive_F].mean()) if bool(alive_F.any()) else 1.0
+    sae.W_dec[dead_idx] = directions_KD
+    sae.W_enc[:, dead_idx] = directions_KD.T * (ENCODER_NORM_FACTOR * alive_norm)
+    sae.b_enc[dead_idx] = 0.0
+
+    for param, index in ((sae.W_dec, (dead_idx,)), (sae.W_enc, (slice(None), dead_idx)), (sae.b_enc, (dead_idx,))):
+        state = optimizer.state.get(param, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in state:
+                state[name][index] = 0.0
+    return n_dead
