@@ -85,3 +85,26 @@ def match(acts_a, acts_b, out, threshold, min_firings) -> None:
         if not key.startswith("decile"):  # the per-density-decile breakdown is in the library's dict
             click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     click.echo(f"wrote {out}")
+
+
+@main.command("train-sae")
+@click.argument("acts", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to write.")
+@click.option("--dict-size", type=int, default=None, help="Number of features. Default 8 x the activation dims.")
+@click.option("--arch", type=click.Choice(["relu", "topk"]), default="relu", show_default=True)
+@click.option("--l1-coeff", type=float, default=None, help="L1 lambda (relu). Default: the paper's 0.004, scaled to the dims.")
+@click.option("--k", type=int, default=None, help="Active features per token (topk). Default 32.")
+@click.option("--samples", type=int, default=None, help="Activation vectors seen in training. Default 2,000,000.")
+@click.option("--batch-size", type=int, default=None, help="Activations per step. Default 4096.")
+@click.option("--lr", type=float, default=None, help="Adam learning rate. Default 1e-3.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, lr, seed, device) -> None:
+    """Train an SAE on ACTS, a .npy array (rows x dims) of activations, and save it with its metrics."""
+    from sae.api import train_sae_on_npy
+
+    overrides = {"arch": arch, "dict_size": dict_size, "l1_coeff": l1_coeff, "k": k, "samples": samples,
+                 "batch_size": batch_size, "lr": lr}
+    metrics = train_sae_on_npy(acts, out_dir, overrides, seed=seed, device=device)
+    click.echo(f"SAE saved to {out_dir}: fvu {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, "
+               f"dead {metrics['dead_fraction']:.1%} on {metrics['heldout_rows']} held-out rows")
