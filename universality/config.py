@@ -30,13 +30,14 @@ class DataConfig:
 
     corpus: str = "stdlib"  # "stdlib", a file or folder path, or "hf:NAME[:SPLIT]"
     vocab_size: int = 4096  # byte-level BPE vocabulary size
+    tokenizer_chars: int = 10_000_000  # corpus characters the BPE is trained on (0 = all)
     max_tokens: int = 4_000_000  # cap on corpus tokens kept (0 = no cap)
     heldout_tokens: int = 131_072  # fixed held-out tail, identical for every seed
     ctx_len: int = 128  # context length of the transformer
 
     def __post_init__(self) -> None:
         _require(self.vocab_size >= 300, "data.vocab_size must be at least 300 (256 bytes + merges)")
-        _require(self.max_tokens >= 0, "data.max_tokens must be >= 0")
+        _require(self.max_tokens >= 0 and self.tokenizer_chars >= 0, "data.max_tokens and data.tokenizer_chars must be >= 0")
         _require(self.ctx_len >= 2, "data.ctx_len must be at least 2")
         _require(self.heldout_tokens >= 2 * self.ctx_len, "data.heldout_tokens must cover two contexts")
 

@@ -27,6 +27,22 @@ Activations = np.ndarray | torch.Tensor | sp.spmatrix | sp.sparray
 SPARSE_BELOW = 0.05  # dense chunks with fewer nonzero entries than this fraction take the sparse path
 PAIR_BLOCK = 131_072  # active (a, b) pairs expanded at once by the sparse path: cache-sized temporaries
 _INT32_MAX = np.iinfo(np.int32).max
+_ROW_BLOCK = 256  # rows of the correlation matrix finished at a time
+
+
+def _dense_tensor(acts: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A 2-D CPU tensor view of a dense chunk (numpy shared, not copied; half/bfloat16 widened)."""
+    t = acts.detach().cpu() if isinstance(acts, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(acts))
+    if t.ndim != 2:
+        raise DataError(f"activations must be 2-D [tokens, features], got shape {tuple(t.shape)}")
+    return t if t.dtype in (torch.float32, torch.float64) else t.double()
+
+
+def _csr_from_nonzeros(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> sp.csr_matrix:
+    """CSR of ``t`` from its nonzero positions, which ``torch.nonzero`` lists sorted by (row, column)."""
+    indptr = torch.searchsorted(rows, torch.arange(t.shape[0] + 1))
+    data = t[rows, cols].double()
+    return sp.csr_matrix((data.numpy(), cols.numpy(), indptr.numpy()), shape=tuple(t.shape))
 
 
 def to_csr(acts: np.ndarray | torch.Tensor) -> sp.csr_matrix:
@@ -35,36 +51,21 @@ def to_csr(acts: np.ndarray | torch.Tensor) -> sp.csr_matrix:
     SAE activations arrive from the pipeline as dense torch chunks; this is their cheap way
     into the sparse path (no float64 dense copy, only the nonzeros are converted).
     """
-    acts = _dense_numpy(acts)
-    flat = np.flatnonzero(acts)  # row-major order: already sorted by (row, column)
-    rows, cols = np.divmod(flat, acts.shape[1])
-    indptr = np.zeros(acts.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=acts.shape[0]), out=indptr[1:])
-    data = acts.reshape(-1)[flat].astype(np.float64)
-    return sp.csr_matrix((data, cols, indptr), shape=acts.shape)
-
-
-def _dense_numpy(acts: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A 2-D numpy view of a dense chunk (torch half/bfloat16 widened, since numpy lacks them)."""
-    if isinstance(acts, torch.Tensor):
-        acts = acts.detach().cpu()
-        acts = (acts if acts.dtype in (torch.float32, torch.float64) else acts.double()).numpy()
-    acts = np.asarray(acts)
-    if acts.ndim != 2:
-        raise DataError(f"activations must be 2-D [tokens, features], got shape {acts.shape}")
-    return acts
+    t = _dense_tensor(acts)
+    return _csr_from_nonzeros(t, *torch.nonzero(t, as_tuple=True))
 
 
 def as_chunk(acts: Activations) -> np.ndarray | sp.csr_matrix:
-    """One chunk as float64: CSR if it is sparse (or mostly zeros), else a dense array."""
+    """One chunk as float64: CSR if it is sparse (or a dense chunk mostly of zeros), else a dense array."""
     if sp.issparse(acts):
         chunk = sp.csr_matrix(acts, dtype=np.float64)
         chunk.sum_duplicates()
         return chunk
-    acts = _dense_numpy(acts)
-    if acts.size and np.count_nonzero(acts) < SPARSE_BELOW * acts.size:
-        return to_csr(acts)
-    return acts.astype(np.float64, copy=False)
+    t = _dense_tensor(acts)
+    rows, cols = torch.nonzero(t, as_tuple=True)
+    if rows.numel() < SPARSE_BELOW * t.numel():
+        return _csr_from_nonzeros(t, rows, cols)
+    return t.numpy().astype(np.float64, copy=False)
 
 
 def _add_sparse_cross(cross_AB: np.ndarray, a: sp.csr_matrix, b: sp.csr_matrix) -> None:
@@ -202,17 +203,23 @@ class StreamingCorrelation:
         return self._b.dead(self.n_tokens)
 
     def correlation(self) -> np.ndarray:
-        """[F_A, F_B] float32 Pearson correlations (computed in float64); 0 for dead features."""
+        """[F_A, F_B] float32 Pearson correlations (computed in float64); 0 for dead features.
+
+        Computed in blocks of rows so the float64 temporaries stay small.
+        """
         self._require_data()
         n = self.n_tokens
         inv_std_a = _inverse_std(self._a, n)
         inv_std_b = _inverse_std(self._b, n)
-        corr = np.multiply.outer(-self._a.total / n, self._b.total)  # -n · mean_a · mean_bᵀ
-        corr += self._cross_AB
-        corr *= inv_std_a[:, None]
-        corr *= inv_std_b[None, :]
-        np.clip(corr, -1.0, 1.0, out=corr)
-        return corr.astype(np.float32)
+        mean_a, total_b = self._a.total / n, self._b.total
+        corr = np.empty(self._cross_AB.shape, dtype=np.float32)
+        for lo in range(0, corr.shape[0], _ROW_BLOCK):
+            rows = slice(lo, lo + _ROW_BLOCK)
+            block = self._cross_AB[rows] - np.multiply.outer(mean_a[rows], total_b)  # n · covariance
+            block *= inv_std_a[rows, None]
+            block *= inv_std_b
+            np.clip(block, -1.0, 1.0, out=corr[rows])
+        return corr
 
 
 def _inverse_std(moments: _Moments, n: int) -> np.ndarray:

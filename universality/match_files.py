@@ -53,7 +53,7 @@ def load_activations(path: Path) -> np.ndarray | sp.csr_matrix:
 def _finite_rows(acts: np.ndarray | sp.csr_matrix, path: Path, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
     """Rows [start, stop) read into memory, rejecting NaN and infinity."""
     chunk = acts[start:stop]
-    chunk = chunk if sp.issparse(chunk) else np.asarray(chunk)
+    chunk = chunk if sp.issparse(chunk) else np.array(chunk)  # a writable in-memory copy of the mapped rows
     if not np.isfinite(chunk.data if sp.issparse(chunk) else chunk).all():
         raise DataError(f"{path}: NaN or infinite activations in rows {start}..{stop - 1}")
     return chunk
