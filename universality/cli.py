@@ -61,7 +61,8 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device) -> N
         cfg = load_config(config_file, base=cfg)
     if corpus is not None:
         cfg = cfg.replace(data={"corpus": corpus})
-    pipeline.run(cfg, chosen, results_dir=results_dir, device=device)
+    result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device)
+    click.echo(pipeline.describe(result))
 
 
 @main.command()
