@@ -22,7 +22,7 @@ from sae.base import SAE
 from universality.atomic import atomic_path
 from universality.correlation import to_csr
 
-NEURONS, FEATURES = "neurons.npy", "features.npz"
+NEURONS, FEATURES, TOP_VALUES, TOP_POSITIONS = "neurons.npy", "features.npz", "top_values.npy", "top_positions.npy"
 CHUNK_ROWS = 8192  # tokens per streamed chunk
 
 
@@ -38,6 +38,36 @@ class HeldoutActivations:
     def features(self) -> sp.csr_matrix:
         return sp.load_npz(self.directory / FEATURES).tocsr()
 
+    def top_examples(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each feature's top activations [F, k] (descending) and their token positions [F, k]
+        in the comparison tokens (-1 where a feature fired on fewer than k tokens)."""
+        return np.load(self.directory / TOP_VALUES), np.load(self.directory / TOP_POSITIONS)
+
+
+class StreamingTopK:
+    """The k largest values of every column, and their row positions, over a stream of row chunks."""
+
+    def __init__(self, n_columns: int, k: int):
+        self.values = torch.full((k, n_columns), -torch.inf)
+        self.positions = torch.full((k, n_columns), -1, dtype=torch.long)
+        self.rows_seen = 0
+
+    def update(self, chunk_NF: torch.Tensor) -> None:
+        n = chunk_NF.shape[0]
+        rows = torch.arange(self.rows_seen, self.rows_seen + n).unsqueeze(1).expand(n, chunk_NF.shape[1])
+        values = torch.cat([self.values, chunk_NF.float()])
+        positions = torch.cat([self.positions, rows])
+        self.values, order = values.topk(self.values.shape[0], dim=0)
+        self.positions = positions.gather(0, order)
+        self.rows_seen += n
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """([F, k] values, [F, k] positions); only positive activations count as examples."""
+        fired = self.values > 0
+        values = torch.where(fired, self.values, torch.zeros(()))
+        positions = torch.where(fired, self.positions, torch.full((), -1))
+        return values.T.contiguous().numpy(), positions.T.contiguous().numpy()
+
 
 def eval_contexts(heldout: np.ndarray, ctx_len: int, n_tokens: int) -> torch.Tensor:
     """The first ``n_tokens`` held-out tokens as whole contexts [N_ctx, ctx_len]: the comparison tokens."""
@@ -47,24 +77,32 @@ def eval_contexts(heldout: np.ndarray, ctx_len: int, n_tokens: int) -> torch.Ten
 
 @torch.no_grad()
 def record(model: OneLayerTransformer, sae: SAE, contexts: torch.Tensor, directory: Path, device: str,
-           batch_contexts: int = 64) -> HeldoutActivations:
-    """Run ``model`` over ``contexts`` once; write its neurons and its SAE features."""
+           top_k: int, batch_contexts: int = 64) -> HeldoutActivations:
+    """Run ``model`` over ``contexts`` once; write its neurons, its SAE features and, for every
+    feature, its ``top_k`` activating token positions (kept while streaming, no second pass)."""
     n_tokens = contexts.numel()
     d_mlp = model.cfg.d_mlp
     feature_chunks = []
+    top = StreamingTopK(sae.d_sae, top_k)
     with atomic_path(directory / NEURONS) as tmp:
         neurons = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_tokens, d_mlp))
         row = 0
         for batch in tqdm(contexts.split(batch_contexts), desc="held-out activations", leave=False):
             acts_NM = model(batch.to(device), return_mlp=True).mlp_acts.reshape(-1, d_mlp)
             neurons[row : row + len(acts_NM)] = acts_NM.cpu().numpy()
-            feature_chunks.append(to_csr(sae.encode(acts_NM).cpu()))
+            features_NF = sae.encode(acts_NM).cpu()
+            feature_chunks.append(to_csr(features_NF))
+            top.update(features_NF)
             row += len(acts_NM)
         neurons.flush()
         del neurons
     with atomic_path(directory / FEATURES) as tmp:
         with open(tmp, "wb") as f:
             sp.save_npz(f, sp.vstack(feature_chunks, format="csr"))
+    for name, array in zip((TOP_VALUES, TOP_POSITIONS), top.result()):
+        with atomic_path(directory / name) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, array)
     return HeldoutActivations(directory)
 
 

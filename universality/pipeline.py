@@ -38,7 +38,7 @@ from universality.tokenization import encode_documents, load_tokenizer, shuffled
 DATA_VERSION = 1
 MODEL_VERSION = 1
 SAE_VERSION = 1
-ACTIVATIONS_VERSION = 1
+ACTIVATIONS_VERSION = 2
 PAIR_VERSION = 1
 SAE_EVAL_BATCH_CONTEXTS = 32
 
@@ -249,7 +249,7 @@ def record_activations(dataset: Dataset, run: RunModel, sae: RunSAE, cfg: Experi
     if not cache.is_complete(directory):
         directory.mkdir(parents=True, exist_ok=True)
         contexts = activations.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
-        activations.record(run.model, sae.sae, contexts, directory, device)
+        activations.record(run.model, sae.sae, contexts, directory, device, cfg.compare.top_k_examples)
         cache.mark_complete(directory, {"run": run.name})
     return activations.HeldoutActivations(directory)
 
