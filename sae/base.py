@@ -27,7 +27,8 @@ class SAELoss(NamedTuple):
     mse: Tensor  # scalar: squared error, mean over vector elements
     l1: Tensor  # scalar: sum over features of |f|, mean over the batch (logged for every arch)
     aux: Tensor  # scalar: the architecture's auxiliary loss (0 when it has none)
-    f: Tensor  # [B, F] feature activations (detached), for dead-feature bookkeeping
+    f: Tensor  # [B, F] feature activations (detached)
+    fired_F: Tensor  # [F] bool: features active on some input of the batch (dead-feature bookkeeping)
 
 
 class SAE(nn.Module):
@@ -91,7 +92,8 @@ class SAE(nn.Module):
         mse = (out.x_hat - x_BD).pow(2).mean()
         aux = self.aux_loss(x_BD, out, dead_F)
         f_BF = out.f.detach()
-        return SAELoss(mse + self.penalty(out.f).mean() + aux, mse, f_BF.sum() / len(f_BF), aux, f_BF)
+        sum_F = f_BF.sum(dim=0)  # one pass gives both the L1 and which features fired
+        return SAELoss(mse + self.penalty(out.f).mean() + aux, mse, sum_F.sum() / len(f_BF), aux, f_BF, sum_F > 0)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

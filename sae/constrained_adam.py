@@ -16,8 +16,8 @@ from torch import Tensor, nn
 def remove_parallel_grad_(W_FD: Tensor) -> None:
     """grad_f -= (grad_f · w_f) w_f for each unit-norm row w_f of ``W_FD``, in place."""
     if W_FD.grad is not None:
-        parallel_F1 = (W_FD.grad * W_FD).sum(dim=1, keepdim=True)
-        W_FD.grad.sub_(parallel_F1 * W_FD)
+        parallel_F1 = torch.linalg.vecdot(W_FD.grad, W_FD).unsqueeze(1)
+        W_FD.grad.addcmul_(parallel_F1, W_FD, value=-1)
 
 
 @torch.no_grad()

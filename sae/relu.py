@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from sae.base import SAE
+from sae.base import SAE, SAELoss
 
 
 class ReLUSAE(SAE):
@@ -13,3 +14,35 @@ class ReLUSAE(SAE):
     def penalty(self, f_BF: Tensor) -> Tensor:
         """λ · L1 of each input's features (f ≥ 0 after the ReLU, so |f| = f)."""
         return self.cfg.l1_coeff * f_BF.sum(dim=1)
+
+    def loss(self, x_BD: Tensor, dead_F: Tensor | None = None) -> SAELoss:
+        """``SAE.loss`` (the reference it is tested against), with the L1 gradient fused into the ReLU's
+        backward: the penalty's [B, F] gradient is then never built and summed on its own. The
+        returned loss has the penalty's value but not its gradient, which the ReLU supplies."""
+        pre_BF = self.pre_acts(x_BD)
+        f_BF = _ReLUWithL1Grad.apply(pre_BF, self.cfg.l1_coeff / len(x_BD))
+        mse = (self.decode(f_BF) - x_BD).pow(2).mean()
+        f_BF = f_BF.detach()
+        sum_F = f_BF.sum(dim=0)
+        l1 = sum_F.sum() / len(f_BF)
+        zero = mse.new_zeros(())
+        return SAELoss(mse + self.cfg.l1_coeff * l1, mse, l1, zero, f_BF, sum_F > 0)
+
+
+class _ReLUWithL1Grad(torch.autograd.Function):
+    """f = ReLU(pre) whose backward also adds d(coeff · Σ f)/df = coeff before applying the ReLU mask."""
+
+    @staticmethod
+    def forward(ctx, pre_BF: Tensor, coeff: float) -> Tensor:
+        f_BF = torch.relu(pre_BF)
+        ctx.save_for_backward(f_BF)
+        ctx.coeff = coeff
+        return f_BF
+
+    @staticmethod
+    def backward(ctx, grad_BF: Tensor) -> tuple[Tensor, None]:
+        (f_BF,) = ctx.saved_tensors
+        # The incoming gradient is the decoder matmul's fresh output: add in place when it is a plain
+        # dense tensor (an expanded one, e.g. from a sum, must not be written to).
+        grad_BF = grad_BF.add_(ctx.coeff) if grad_BF.is_contiguous() else grad_BF + ctx.coeff
+        return torch.ops.aten.threshold_backward(grad_BF, f_BF, 0), None

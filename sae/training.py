@@ -79,7 +79,7 @@ def train_sae(
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        last_fired_F.masked_fill_(out.f.amax(dim=0) > 0, step)
+        last_fired_F.masked_fill_(out.fired_F, step)
         sums += torch.stack([out.loss.detach(), out.mse.detach(), out.l1, out.aux.detach()])
 
         if step in resample_steps:

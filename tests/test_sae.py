@@ -101,6 +101,28 @@ def test_decoder_rows_stay_unit_norm_and_parallel_grad_is_removed():
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-5)
 
 
+def test_relu_fused_l1_gradient_matches_reference():
+    """ReLUSAE.loss fuses the L1 gradient into the ReLU; SAE.loss is the plain autograd reference."""
+    torch.manual_seed(0)
+    sae = build_sae(small_cfg(dict_size=64, l1_coeff=0.1), 16)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.3)
+    x = torch.randn(128, 16)
+    results = []
+    for loss_fn in (type(sae).loss, SAE.loss):
+        sae.zero_grad()
+        out = loss_fn(sae, x)
+        out.loss.backward()
+        results.append((out, {name: p.grad.clone() for name, p in sae.named_parameters()}))
+    (fast, fast_grads), (ref, ref_grads) = results
+    for field in ("loss", "mse", "l1"):
+        assert torch.allclose(getattr(fast, field), getattr(ref, field), rtol=1e-5)
+    assert torch.equal(fast.fired_F, ref.fired_F)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
 # ---- geometric median -----------------------------------------------------------------------
 
 def test_geometric_median_matches_direct_minimisation():
