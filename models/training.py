@@ -7,23 +7,18 @@ never stopped, and on CPU the same seed gives bit-identical weights.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from models.transformer import OneLayerTransformer, TransformerConfig, cross_entropy
-from universality.atomic import atomic_path
+from universality import checkpoint
 from universality.config import TrainConfig
 from universality.errors import TrainingDiverged
-
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_STATE = "checkpoint.json"
 
 
 @dataclass
@@ -122,31 +117,19 @@ def train_transformer(
 
 
 def save_checkpoint(directory: Path, model, optimizer, step: int, history: list[dict]) -> None:
-    """Model and optimizer state as safetensors, step and history as JSON; atomic, state file last."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for i, state in optimizer.state_dict()["state"].items():
-        tensors.update({f"optim.{i}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
-    with atomic_path(directory / CHECKPOINT) as tmp:
-        save_file(tensors, str(tmp))
-    with atomic_path(directory / CHECKPOINT_STATE) as tmp:
-        tmp.write_text(json.dumps({"step": step, "history": history}))
+    """Model and optimizer state, step and history, checksummed (``universality.checkpoint``)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | checkpoint.optimizer_tensors(optimizer)
+    checkpoint.save(directory, tensors, {"step": step, "history": history})
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
-    """Restore the last checkpoint in ``directory``; (0, []) when there is none."""
-    state_path = directory / CHECKPOINT_STATE
-    if not state_path.exists():
+    """Restore the last checkpoint in ``directory``; (0, []) when there is none or it is damaged."""
+    saved = checkpoint.load(directory)
+    if saved is None:
         return 0, []
-    state = json.loads(state_path.read_text())
-    tensors = load_file(str(directory / CHECKPOINT))
+    tensors, state = saved
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    optim_state = optimizer.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            optim_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(optim_state)
+    checkpoint.load_optimizer_tensors(optimizer, tensors)
     scheduler.last_epoch = state["step"]
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[0](state["step"])

@@ -3,20 +3,34 @@
 A stage's key hashes everything that determines its output (its config and its upstream keys,
 the corpus fingerprint, the seed, the stage's code version), so a re-run with the same inputs
 finds the folder complete and skips the work, and any change lands in a new folder.
-A folder is complete once its ``done.json`` exists; that file is written last, atomically.
+
+A folder is complete once its ``done.json`` exists and every file it lists still has the size and
+sha256 recorded there; ``done.json`` is written last, atomically. A truncated or corrupted file
+therefore reads as "not complete" and the stage is recomputed. A lock file per folder keeps two
+processes from building the same stage at once: the second waits, then finds the stage complete.
+Locks are ``fcntl.flock`` locks: with several machines, the results folder must be on a shared
+filesystem whose locks work across hosts (NFSv4, Lustre, GPFS); elsewhere two hosts may build the
+same stage twice, which is wasteful but safe (every write is atomic and deterministic).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from universality.atomic import write_text
 
 DONE = "done.json"
+LOCK = ".lock"
+SCRATCH = "resume"  # a stage's resumable training checkpoints: not part of its output
+STAGES = ("data", "model", "sae", "activations", "pair")
+_HASH_CHUNK = 1 << 22
 
 
 def stage_key(stage: str, version: int, **inputs: Any) -> str:
@@ -29,22 +43,103 @@ def stage_dir(results_dir: Path, stage: str, key: str) -> Path:
     return Path(results_dir) / "cache" / stage / key
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def output_files(directory: Path) -> list[Path]:
+    """The stage's output files: everything but the marker, the lock, temp files and scratch."""
+    return sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and p.name not in (DONE, LOCK) and not p.name.startswith(".")
+        and SCRATCH not in p.relative_to(directory).parts[:-1]
+    )
+
+
+def manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """relative path -> {size, sha256} of every output file."""
+    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in output_files(directory)}
+
+
+def _read_done(directory: Path) -> dict[str, Any] | None:
+    try:
+        done = json.loads((directory / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and {"summary", "files"} <= set(done) else None
+
+
+def _intact(directory: Path, files: dict[str, dict[str, Any]], hashes: bool) -> bool:
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != expected["size"]:
+            return False
+        if hashes and file_sha256(path) != expected["sha256"]:
+            return False
+    return True
+
+
 def is_complete(directory: Path) -> bool:
-    return (directory / DONE).exists()
+    """Whether the stage finished and its files are intact (sizes and sha256 as recorded)."""
+    done = _read_done(directory)
+    return done is not None and _intact(directory, done["files"], hashes=True)
 
 
-def mark_complete(directory: Path, summary: dict[str, Any]) -> None:
-    write_text(directory / DONE, json.dumps(summary, indent=1, default=str))
+def mark_complete(directory: Path, summary: dict[str, Any], label: str = "") -> None:
+    """Record the stage's summary, a one-line description and its files' checksums; written last."""
+    done = {"label": label, "summary": summary, "files": manifest(directory)}
+    write_text(directory / DONE, json.dumps(done, indent=1, default=str))
 
 
 def read_summary(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / DONE).read_text())
+    return json.loads((directory / DONE).read_text())["summary"]
 
 
-def clear(results_dir: Path) -> int:
-    """Remove every cached stage output; returns how many folders were removed."""
+@contextlib.contextmanager
+def lock(directory: Path) -> Iterator[None]:
+    """Hold the stage folder's exclusive lock (creating the folder); waits while another process holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cached stage folder, as ``univ cache ls`` shows it."""
+
+    stage: str
+    key: str
+    size: int  # bytes, scratch included
+    state: str  # "complete" | "damaged" (files changed since) | "partial" (never finished)
+    label: str  # what it is: "transformer seed0", "SAE of seed1", ...
+
+
+def entries(results_dir: Path, stage: str | None = None) -> list[Entry]:
+    """Every cached stage folder (of one ``stage``, if given); checks sizes, not hashes (fast)."""
     root = Path(results_dir) / "cache"
-    folders = [p for p in root.glob("*/*") if p.is_dir()] if root.exists() else []
-    for folder in folders:
-        shutil.rmtree(folder)
-    return len(folders)
+    found = []
+    for directory in sorted(root.glob(f"{stage or '*'}/*")):
+        if not directory.is_dir():
+            continue
+        done = _read_done(directory)
+        state = "partial" if done is None else "complete" if _intact(directory, done["files"], hashes=False) else "damaged"
+        size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+        found.append(Entry(directory.parent.name, directory.name, size, state, (done or {}).get("label", "")))
+    return found
+
+
+def clear(results_dir: Path, stage: str | None = None) -> int:
+    """Remove every cached stage output (of one ``stage``, if given); returns how many folders were removed."""
+    removed = entries(results_dir, stage)
+    for entry in removed:
+        shutil.rmtree(stage_dir(results_dir, entry.stage, entry.key))
+    return len(removed)
