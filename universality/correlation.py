@@ -31,8 +31,9 @@ _ROW_BLOCK = 256  # rows of the correlation matrix finished at a time
 
 
 def _dense_tensor(acts: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A 2-D CPU tensor view of a dense chunk (numpy shared, not copied; half/bfloat16 widened)."""
-    t = acts.detach().cpu() if isinstance(acts, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(acts))
+    """A 2-D CPU tensor view of a dense chunk (numpy shared, not copied, unless it is read-only,
+    as a memory-mapped chunk is; half/bfloat16 widened)."""
+    t = acts.detach().cpu() if isinstance(acts, torch.Tensor) else torch.from_numpy(np.require(acts, requirements="CW"))
     if t.ndim != 2:
         raise DataError(f"activations must be 2-D [tokens, features], got shape {tuple(t.shape)}")
     return t if t.dtype in (torch.float32, torch.float64) else t.double()
