@@ -1,0 +1,178 @@
+"""Feature cards: what one SAE feature responds to, what it does, and who it is in other seeds.
+
+A card gathers a feature's firing density, its top activating contexts in the comparison
+tokens (kept while streaming, see ``activations.top_examples``) with the activating token
+marked, its direct logit effect (top promoted and suppressed tokens) and its best partners
+in the other seeds. The terminal (``univ features``) and the HTML reports both render cards.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+N_LOGIT_TOKENS = 8  # promoted / suppressed tokens shown per feature
+N_TOP_TOKENS = 5  # distinct top activating tokens in a table's summary column
+
+
+@dataclass(frozen=True)
+class Example:
+    """One activating position: the text before, the activating token, the text after."""
+
+    value: float
+    left: str
+    token: str
+    right: str
+
+
+@dataclass(frozen=True)
+class Partner:
+    """A feature's max-correlation partner in another seed."""
+
+    seed: int
+    feature: int
+    corr: float
+    mutual: bool
+
+
+@dataclass(frozen=True)
+class FeatureCard:
+    seed: int
+    feature: int
+    density: float  # fraction of comparison tokens on which it fires
+    examples: list[Example]
+    promoted: list[tuple[str, float]]  # tokens whose logits it raises most, with the logit weight
+    suppressed: list[tuple[str, float]]
+    partners: list[Partner]
+
+
+@dataclass(frozen=True)
+class RunSources:
+    """What one seed's cards and table columns are read from, all on the comparison tokens."""
+
+    seed: int
+    tokens: np.ndarray  # [N] flat comparison token ids
+    vocab: list[str]  # token id -> decoded text
+    top_values: np.ndarray  # [F, k] top activations of each feature
+    top_positions: np.ndarray  # [F, k] their positions in ``tokens`` (-1: none)
+    logit_weights: np.ndarray  # [F, V] direct logit effect of each feature
+    densities: np.ndarray  # [F] firing frequency
+    context: int  # tokens shown each side of an example
+
+    def top_tokens(self) -> list[str]:
+        """Per feature, its distinct top activating tokens joined as one string."""
+        return [" | ".join(top_tokens(row, self.tokens, self.vocab)) for row in self.top_positions]
+
+    def card(self, feature: int, matched: pd.DataFrame) -> FeatureCard:
+        promoted, suppressed = logit_effects(self.logit_weights[feature], self.vocab)
+        return FeatureCard(
+            seed=self.seed,
+            feature=feature,
+            density=float(self.densities[feature]),
+            examples=examples(self.top_values[feature], self.top_positions[feature], self.tokens, self.vocab, self.context),
+            promoted=promoted,
+            suppressed=suppressed,
+            partners=partners(matched, self.seed, feature),
+        )
+
+
+def load_run_sources(seed: int, data_dir: Path, model_dir: Path, sae_dir: Path, acts_dir: Path,
+                     ctx_len: int, compare_tokens: int, context: int, vocab: list[str]) -> RunSources:
+    """A seed's sources from its stage folders (the ones a univ run records on its MLflow runs)."""
+    from sae.checkpoint import load_sae
+    from universality.activations import HeldoutActivations, eval_contexts
+    from universality.pairs import feature_logit_weights
+    from universality.pipeline import load_run_model
+
+    model = load_run_model(Path(model_dir), f"seed{seed}", seed, Path(model_dir).name, "cpu").model
+    acts = HeldoutActivations(Path(acts_dir))
+    features = acts.features()
+    top_values, top_positions = acts.top_examples()
+    heldout = np.load(Path(data_dir) / "heldout.npy", mmap_mode="r")
+    return RunSources(
+        seed=seed,
+        tokens=eval_contexts(heldout, ctx_len, compare_tokens).flatten().numpy(),
+        vocab=vocab,
+        top_values=top_values,
+        top_positions=top_positions,
+        logit_weights=feature_logit_weights(model, load_sae(Path(sae_dir), "cpu")),
+        densities=features.getnnz(axis=0) / features.shape[0],
+        context=context,
+    )
+
+
+def vocab_strings(tokenizer) -> list[str]:
+    """Each token id decoded on its own (byte-level pieces that are not whole characters show as U+FFFD)."""
+    return [tokenizer.decode([i], skip_special_tokens=False) for i in range(tokenizer.get_vocab_size())]
+
+
+def examples(values_k: np.ndarray, positions_k: np.ndarray, tokens: np.ndarray, vocab: list[str],
+             context: int) -> list[Example]:
+    """Context windows of ``context`` tokens each side of each top position (-1 positions skipped)."""
+    out = []
+    for value, pos in zip(values_k, positions_k):
+        if pos < 0:
+            continue
+        left = "".join(vocab[t] for t in tokens[max(0, pos - context) : pos])
+        right = "".join(vocab[t] for t in tokens[pos + 1 : pos + 1 + context])
+        out.append(Example(float(value), left, vocab[tokens[pos]], right))
+    return out
+
+
+def top_tokens(positions_k: np.ndarray, tokens: np.ndarray, vocab: list[str], n: int = N_TOP_TOKENS) -> list[str]:
+    """The distinct tokens at a feature's top activating positions, strongest first."""
+    seen = dict.fromkeys(vocab[tokens[p]] for p in positions_k if p >= 0)
+    return list(seen)[:n]
+
+
+def logit_effects(weights_V: np.ndarray, vocab: list[str], n: int = N_LOGIT_TOKENS) -> tuple[list, list]:
+    """(promoted, suppressed): the ``n`` tokens with the largest and the smallest logit weight."""
+    order = np.argsort(weights_V)
+    pick = lambda idx: [(vocab[i], float(weights_V[i])) for i in idx]  # noqa: E731
+    return pick(order[::-1][:n]), pick(order[:n])
+
+
+def partners(matched: pd.DataFrame, seed: int, feature: int) -> list[Partner]:
+    """Best partners of ``seed``'s ``feature`` in every other seed, from the matched feature table."""
+    rows = matched[(matched.seed_a == seed) & (matched.feature_a == feature) & (matched.max_partner >= 0)]
+    return [Partner(int(r.seed_b), int(r.max_partner), float(r.max_corr), bool(r.mutual))
+            for r in rows.sort_values("max_corr", ascending=False).itertuples()]
+
+
+def _show(text: str) -> str:
+    """Whitespace made visible enough to read a one-line context."""
+    return text.replace("\n", "⏎").replace("\t", "⇥")
+
+
+def render_terminal(card: FeatureCard) -> str:
+    """The card as terminal text, the activating token highlighted with ANSI styles."""
+    lines = [click.style(f"seed{card.seed} feature {card.feature}", bold=True) + f"  density {card.density:.3g}",
+             "top activating contexts:"]
+    for ex in card.examples:
+        token = click.style(_show(ex.token), fg="black", bg="yellow", bold=True)
+        lines.append(f"  {ex.value:8.3f}  {_show(ex.left)}{token}{_show(ex.right)}")
+    for label, pairs in (("promotes", card.promoted), ("suppresses", card.suppressed)):
+        lines.append(f"{label}: " + ", ".join(f"{_show(t)!r} {w:+.2f}" for t, w in pairs))
+    lines.append("best partners:" if card.partners else "best partners: none (no included partner)")
+    lines.extend(f"  seed{p.seed} feature {p.feature}: corr {p.corr:.3f}{' (mutual)' if p.mutual else ''}"
+                 for p in card.partners)
+    return "\n".join(lines)
+
+
+def render_html(card: FeatureCard) -> str:
+    """The card as an HTML fragment (escaped text, the activating token in a <mark>)."""
+    esc = lambda s: html.escape(_show(s))  # noqa: E731
+    rows = "".join(f"<tr><td>{ex.value:.3f}</td><td class='ctx'>{esc(ex.left)}<mark>{esc(ex.token)}</mark>"
+                   f"{esc(ex.right)}</td></tr>" for ex in card.examples)
+    effects = "".join(f"<p><b>{label}:</b> " + ", ".join(f"<code>{esc(t)}</code> {w:+.2f}" for t, w in pairs) + "</p>"
+                      for label, pairs in (("promotes", card.promoted), ("suppresses", card.suppressed)))
+    partner_list = ", ".join(f"seed{p.seed}/{p.feature} ({p.corr:.3f}{', mutual' if p.mutual else ''})" for p in card.partners)
+    return (f"<div class='card'><h4>seed{card.seed} feature {card.feature} "
+            f"<small>density {card.density:.3g}</small></h4>"
+            f"<p><b>best partners:</b> {partner_list or 'none'}</p>{effects}"
+            f"<table class='examples'><tr><th>act</th><th>context</th></tr>{rows}</table></div>")
