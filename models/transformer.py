@@ -35,6 +35,15 @@ class ForwardOutput(NamedTuple):
     mlp_acts: torch.Tensor | None  # [B, T, M] post-nonlinearity neurons, when asked for
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` with its affine part as plain elementwise ops. The fused CPU kernel reduces
+    the weight and bias gradients in a thread-count-dependent order; these ops do not, so a seed
+    trains to bit-identical weights with 1 thread or several (parallel seeds change thread counts)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, eps=self.eps) * self.weight + self.bias
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -70,11 +79,11 @@ class OneLayerTransformer(nn.Module):
         self.cfg = cfg
         self.W_E = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.W_pos = nn.Embedding(cfg.ctx_len, cfg.d_model)
-        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.ln_attn = LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
-        self.ln_mlp = nn.LayerNorm(cfg.d_model)
+        self.ln_mlp = LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
-        self.ln_final = nn.LayerNorm(cfg.d_model)
+        self.ln_final = LayerNorm(cfg.d_model)
         self.W_U = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(_init_weights)
 

@@ -4,16 +4,20 @@ corpus -> tokens (prepare_data) -> models (train_model) -> SAEs (fit_sae) -> com
 (compare_pair, summarize) -> tracking/export.
 
 Every stage writes into its own content-addressed cache folder (see ``universality.cache``),
-so re-running with the same inputs reuses finished work.
+so re-running with the same inputs reuses finished work. The per-run stages (train_model or
+shuffle_model -> fit_sae -> record_activations) of different runs are independent: ``build_run``
+does them for one run and ``universality.orchestration`` runs several at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,11 +36,12 @@ from universality.atomic import atomic_path, write_text
 from universality.config import ExperimentConfig
 from universality.corpus import load_corpus
 from universality.errors import UnivError
+from universality.orchestration import Engine, spread_devices
 from universality.pairs import PairResult, compare_runs, feature_logit_weights, load_pair, save_pair
 from universality.tokenization import encode_documents, load_tokenizer, shuffled_documents, split_tokens, train_tokenizer
 
 DATA_VERSION = 1
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: LayerNorm with thread-count-independent gradients
 SAE_VERSION = 1
 ACTIVATIONS_VERSION = 2
 PAIR_VERSION = 1
@@ -117,29 +122,34 @@ def prepare_data(cfg: ExperimentConfig, results_dir: Path) -> Dataset:
     data_cfg = dataclasses.asdict(cfg.data)
     key = cache.stage_key("data", DATA_VERSION, data=data_cfg, corpus=corpus.fingerprint)
     directory = cache.stage_dir(results_dir, "data", key)
-    if not cache.is_complete(directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        documents = shuffled_documents(corpus)
-        tokenizer = train_tokenizer(documents, cfg.data.vocab_size, cfg.data.tokenizer_chars)
-        splits = split_tokens(encode_documents(tokenizer, documents, cfg.data.max_tokens), cfg.data)
-        with atomic_path(directory / "tokenizer.json") as tmp:
-            tokenizer.save(str(tmp))
-        for name, tokens in (("train", splits.train), ("heldout", splits.heldout)):
-            with atomic_path(directory / f"{name}.npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, tokens)
-        vocab = tokenizer.get_vocab_size()
-        baselines = ngram_baselines(splits.train, splits.heldout, vocab, cfg.data.ctx_len)
-        cache.mark_complete(directory, {
-            "corpus_source": corpus.source, "corpus_fingerprint": corpus.fingerprint, "vocab_size": vocab,
-            "train_tokens": len(splits.train), "heldout_tokens": len(splits.heldout), "baselines": baselines,
-        })
+    with cache.lock(directory):
+        if not cache.is_complete(directory):
+            documents = shuffled_documents(corpus)
+            tokenizer = train_tokenizer(documents, cfg.data.vocab_size, cfg.data.tokenizer_chars)
+            splits = split_tokens(encode_documents(tokenizer, documents, cfg.data.max_tokens), cfg.data)
+            with atomic_path(directory / "tokenizer.json") as tmp:
+                tokenizer.save(str(tmp))
+            for name, tokens in (("train", splits.train), ("heldout", splits.heldout)):
+                with atomic_path(directory / f"{name}.npy") as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, tokens)
+            vocab = tokenizer.get_vocab_size()
+            baselines = ngram_baselines(splits.train, splits.heldout, vocab, cfg.data.ctx_len)
+            cache.mark_complete(directory, {
+                "corpus_source": corpus.source, "corpus_fingerprint": corpus.fingerprint, "vocab_size": vocab,
+                "train_tokens": len(splits.train), "heldout_tokens": len(splits.heldout), "baselines": baselines,
+            }, label=f"tokens of {corpus.source}")
+    return open_dataset(directory, key)
+
+
+def open_dataset(directory: Path, key: str) -> Dataset:
+    """The finished data stage in ``directory`` (how worker processes get the dataset: by path)."""
     summary = cache.read_summary(directory)
     return Dataset(
         directory=directory,
         key=key,
-        corpus_source=corpus.source,
-        corpus_fingerprint=corpus.fingerprint,
+        corpus_source=summary["corpus_source"],
+        corpus_fingerprint=summary["corpus_fingerprint"],
         vocab_size=summary["vocab_size"],
         train=np.load(directory / "train.npy", mmap_mode="r"),
         heldout=np.load(directory / "heldout.npy", mmap_mode="r"),
@@ -151,21 +161,39 @@ def transformer_config(cfg: ExperimentConfig, dataset: Dataset) -> TransformerCo
     return TransformerConfig(vocab_size=dataset.vocab_size, ctx_len=cfg.data.ctx_len, **dataclasses.asdict(cfg.model))
 
 
+def model_key(dataset: Dataset, cfg: ExperimentConfig, seed: int) -> str:
+    return cache.stage_key("model", MODEL_VERSION, data=dataset.key, model=transformer_config(cfg, dataset).to_dict(),
+                           train=dataclasses.asdict(cfg.train), seed=seed)
+
+
+def shuffled_key(base_key: str, shuffle_seed: int) -> str:
+    return cache.stage_key("shuffled", MODEL_VERSION, model=base_key, shuffle_seed=shuffle_seed)
+
+
+def sae_key(model_key: str, cfg: ExperimentConfig) -> str:
+    """The SAE's training config and model; the evaluation tokens too, since its metrics depend on them."""
+    return cache.stage_key("sae", SAE_VERSION, model=model_key, sae=dataclasses.asdict(cfg.sae), eval_tokens=cfg.compare.tokens)
+
+
+def activations_key(dataset: Dataset, sae_key: str, cfg: ExperimentConfig) -> str:
+    return cache.stage_key("activations", ACTIVATIONS_VERSION, sae=sae_key, tokens=cfg.compare.tokens,
+                           top_k=cfg.compare.top_k_examples, data=dataset.key)
+
+
 def train_model(dataset: Dataset, cfg: ExperimentConfig, seed: int, device: str, results_dir: Path, progress: bool = True) -> RunModel:
     """Train (or reuse) the transformer of one seed; resumes from its last checkpoint."""
     model_cfg = transformer_config(cfg, dataset)
-    key = cache.stage_key("model", MODEL_VERSION, data=dataset.key, model=model_cfg.to_dict(),
-                          train=dataclasses.asdict(cfg.train), seed=seed)
+    key = model_key(dataset, cfg, seed)
     directory = cache.stage_dir(results_dir, "model", key)
-    if not cache.is_complete(directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        result = train_transformer(dataset.train, dataset.heldout, model_cfg, cfg.train, seed, device,
-                                   checkpoint_dir=directory / "resume", progress=progress)
-        _save_model(directory, result, model_cfg, dataset.baselines)
-    return load_run_model(directory, f"seed{seed}", seed, key, device)
+    with cache.lock(directory):
+        if not cache.is_complete(directory):
+            result = train_transformer(dataset.train, dataset.heldout, model_cfg, cfg.train, seed, device,
+                                       checkpoint_dir=directory / cache.SCRATCH, progress=progress)
+            _save_model(directory, result, model_cfg, dataset.baselines, f"transformer seed{seed}")
+    return load_run_model(directory, key, f"seed{seed}", seed, device)
 
 
-def _save_model(directory: Path, result: TrainingResult, model_cfg: TransformerConfig, baselines: dict) -> None:
+def _save_model(directory: Path, result: TrainingResult, model_cfg: TransformerConfig, baselines: dict, label: str) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp))
@@ -173,10 +201,10 @@ def _save_model(directory: Path, result: TrainingResult, model_cfg: TransformerC
     write_text(directory / "history.json", json.dumps(result.history))
     metrics = {"eval_loss": result.eval_loss, **baselines,
                "eval_loss_minus_bigram": result.eval_loss - baselines["bigram_ce"]}
-    cache.mark_complete(directory, {"metrics": metrics})
+    cache.mark_complete(directory, {"metrics": metrics}, label)
 
 
-def load_run_model(directory: Path, name: str, seed: int, key: str, device: str) -> RunModel:
+def load_run_model(directory: Path, key: str, name: str, seed: int, device: str) -> RunModel:
     model_cfg = TransformerConfig(**json.loads((directory / "config.json").read_text()))
     model = OneLayerTransformer(model_cfg)
     model.load_state_dict(load_file(str(directory / "model.safetensors")))
@@ -195,43 +223,49 @@ def load_run_model(directory: Path, name: str, seed: int, key: str, device: str)
 def shuffle_model(base: RunModel, shuffle_seed: int, results_dir: Path, device: str) -> RunModel:
     """The paper's randomized-transformer control: ``base`` with every weight tensor's entries
     permuted (a different permutation per ``shuffle_seed``): its statistics, none of its learning."""
-    key = cache.stage_key("shuffled", MODEL_VERSION, model=base.key, shuffle_seed=shuffle_seed)
+    key = shuffled_key(base.key, shuffle_seed)
     directory = cache.stage_dir(results_dir, "model", key)
     name = f"shuffled-{base.name}-{shuffle_seed}"
-    if not cache.is_complete(directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        generator = torch.Generator().manual_seed(shuffle_seed)
-        state = {k: v.cpu().flatten()[torch.randperm(v.numel(), generator=generator)].reshape(v.shape)
-                 for k, v in base.model.state_dict().items()}
-        with atomic_path(directory / "model.safetensors") as tmp:
-            save_file(state, str(tmp))
-        write_text(directory / "config.json", json.dumps(base.model.cfg.to_dict(), indent=1))
-        write_text(directory / "history.json", "[]")
-        cache.mark_complete(directory, {"metrics": {}, "shuffled_from": base.key})
-    return load_run_model(directory, name, base.seed, key, device)
+    with cache.lock(directory):
+        if not cache.is_complete(directory):
+            generator = torch.Generator().manual_seed(shuffle_seed)
+            state = {k: v.cpu().flatten()[torch.randperm(v.numel(), generator=generator)].reshape(v.shape)
+                     for k, v in base.model.state_dict().items()}
+            with atomic_path(directory / "model.safetensors") as tmp:
+                save_file(state, str(tmp))
+            write_text(directory / "config.json", json.dumps(base.model.cfg.to_dict(), indent=1))
+            write_text(directory / "history.json", "[]")
+            cache.mark_complete(directory, {"metrics": {}, "shuffled_from": base.key}, f"transformer {name}")
+    return load_run_model(directory, key, name, base.seed, device)
 
 
 def fit_sae(dataset: Dataset, run: RunModel, cfg: ExperimentConfig, device: str, results_dir: Path,
             progress: bool = True) -> RunSAE:
     """Fit (or reuse) an SAE on ``run``'s MLP activations over the training tokens, then evaluate it
     on the held-out tokens: reconstruction, sparsity, densities and loss recovered."""
-    key = cache.stage_key("sae", SAE_VERSION, model=run.key, sae=dataclasses.asdict(cfg.sae))
+    key = sae_key(run.key, cfg)
     directory = cache.stage_dir(results_dir, "sae", key)
     ctx_len = cfg.data.ctx_len
-    if not cache.is_complete(directory):
-        seqs = max(1, cfg.sae.batch_size // ctx_len)
-        source = model_activations(run.model, dataset.train, ctx_len, seqs, device, seed=run.seed)
-        generator = torch.Generator().manual_seed(run.seed)
-        batches = shuffled_batches(source, cfg.sae.buffer_size, cfg.sae.batch_size, generator)
-        trained = train_sae(batches, cfg.sae, run.model.cfg.d_mlp, seed=run.seed, device=device, progress=progress)
-        contexts = activations.eval_contexts(dataset.heldout, ctx_len, cfg.compare.tokens)
-        metrics = evaluate_sae(trained.sae, _heldout_neurons(run.model, contexts, device))
-        metrics.update(loss_recovered(run.model, trained.sae, contexts.split(SAE_EVAL_BATCH_CONTEXTS), device))
-        save_sae(trained, cfg.sae, directory, metrics)
-        cache.mark_complete(directory, {"run": run.name})
+    with cache.lock(directory):
+        if not cache.is_complete(directory):
+            seqs = max(1, cfg.sae.batch_size // ctx_len)
+            source = model_activations(run.model, dataset.train, ctx_len, seqs, device, seed=run.seed)
+            generator = torch.Generator().manual_seed(run.seed)
+            batches = shuffled_batches(source, cfg.sae.buffer_size, cfg.sae.batch_size, generator)
+            trained = train_sae(batches, cfg.sae, run.model.cfg.d_mlp, seed=run.seed, device=device, progress=progress,
+                                checkpoint_dir=directory / cache.SCRATCH)
+            contexts = activations.eval_contexts(dataset.heldout, ctx_len, cfg.compare.tokens)
+            metrics = evaluate_sae(trained.sae, _heldout_neurons(run.model, contexts, device))
+            metrics.update(loss_recovered(run.model, trained.sae, contexts.split(SAE_EVAL_BATCH_CONTEXTS), device))
+            save_sae(trained, cfg.sae, directory, metrics)
+            cache.mark_complete(directory, {"run": run.name}, f"SAE of {run.name}")
+    return load_run_sae(directory, key, run.name, device)
+
+
+def load_run_sae(directory: Path, key: str, name: str, device: str) -> RunSAE:
     saved = json.loads((directory / "metrics.json").read_text())
     history, events = saved.pop("history"), saved.pop("resampling_events")
-    return RunSAE(run.name, directory, key, load_sae(directory, device), history, events, saved)
+    return RunSAE(name, directory, key, load_sae(directory, device), history, events, saved)
 
 
 @torch.no_grad()
@@ -244,14 +278,79 @@ def _heldout_neurons(model: OneLayerTransformer, contexts: torch.Tensor, device:
 def record_activations(dataset: Dataset, run: RunModel, sae: RunSAE, cfg: ExperimentConfig, device: str,
                        results_dir: Path) -> activations.HeldoutActivations:
     """Neurons and SAE features of one run on the comparison tokens, recorded once per run."""
-    key = cache.stage_key("activations", ACTIVATIONS_VERSION, sae=sae.key, tokens=cfg.compare.tokens, data=dataset.key)
+    key = activations_key(dataset, sae.key, cfg)
     directory = cache.stage_dir(results_dir, "activations", key)
-    if not cache.is_complete(directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        contexts = activations.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
-        activations.record(run.model, sae.sae, contexts, directory, device, cfg.compare.top_k_examples)
-        cache.mark_complete(directory, {"run": run.name})
+    with cache.lock(directory):
+        if not cache.is_complete(directory):
+            contexts = activations.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
+            activations.record(run.model, sae.sae, contexts, directory, device, cfg.compare.top_k_examples)
+            cache.mark_complete(directory, {"run": run.name}, f"held-out activations of {run.name}")
     return activations.HeldoutActivations(directory)
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """One run's per-run stages, in the plain values a worker process (or Dask worker) receives."""
+
+    cfg: ExperimentConfig
+    dataset_dir: Path
+    dataset_key: str
+    seed: int
+    shuffle_seed: int | None  # set: the weight-shuffled control of ``seed``'s model
+    device: str
+    results_dir: Path
+    progress: bool
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's stages left their outputs: what a worker returns and the driver loads."""
+
+    name: str
+    seed: int
+    model: tuple[Path, str]  # (stage folder, key)
+    sae: tuple[Path, str]
+    activations: Path
+
+
+def build_run(task: RunTask) -> RunPaths:
+    """train_model (or shuffle_model) -> fit_sae -> record_activations for one run; cached and locked."""
+    dataset = open_dataset(task.dataset_dir, task.dataset_key)
+    model = train_model(dataset, task.cfg, task.seed, task.device, task.results_dir, task.progress)
+    if task.shuffle_seed is not None:
+        model = shuffle_model(model, task.shuffle_seed, task.results_dir, task.device)
+    sae = fit_sae(dataset, model, task.cfg, task.device, task.results_dir, task.progress)
+    acts = record_activations(dataset, model, sae, task.cfg, task.device, task.results_dir)
+    return RunPaths(model.name, model.seed, (model.directory, model.key), (sae.directory, sae.key), acts.directory)
+
+
+def is_cached(task: RunTask, dataset: Dataset) -> bool:
+    """Whether every stage of the task's run is complete: then ``build_run`` only looks it up."""
+    key = model_key(dataset, task.cfg, task.seed)
+    folders = [cache.stage_dir(task.results_dir, "model", key)]
+    if task.shuffle_seed is not None:
+        key = shuffled_key(key, task.shuffle_seed)
+        folders.append(cache.stage_dir(task.results_dir, "model", key))
+    key = sae_key(key, task.cfg)
+    folders += [cache.stage_dir(task.results_dir, "sae", key),
+                cache.stage_dir(task.results_dir, "activations", activations_key(dataset, key, task.cfg))]
+    return all(map(cache.is_complete, folders))
+
+
+def load_run(paths: RunPaths, device: str) -> tuple[RunModel, RunSAE, activations.HeldoutActivations]:
+    model = load_run_model(*paths.model, name=paths.name, seed=paths.seed, device=device)
+    sae = load_run_sae(*paths.sae, name=paths.name, device=device)
+    return model, sae, activations.HeldoutActivations(paths.activations)
+
+
+def pair_key(acts_a: activations.HeldoutActivations, acts_b: activations.HeldoutActivations, cfg: ExperimentConfig) -> str:
+    return cache.stage_key("pair", PAIR_VERSION, a=acts_a.directory.name, b=acts_b.directory.name,
+                           compare=dataclasses.asdict(cfg.compare))
+
+
+def is_compared(a: tuple, b: tuple, cfg: ExperimentConfig, results_dir: Path) -> bool:
+    """Whether ``compare_pair(a, b, ...)`` is cached."""
+    return cache.is_complete(cache.stage_dir(results_dir, "pair", pair_key(a[2], b[2], cfg)))
 
 
 def compare_pair(a: tuple[RunModel, RunSAE, activations.HeldoutActivations],
@@ -259,17 +358,17 @@ def compare_pair(a: tuple[RunModel, RunSAE, activations.HeldoutActivations],
                  cfg: ExperimentConfig, results_dir: Path) -> PairResult:
     """Match A's features, neurons and rotated neurons against B's (cached per pair)."""
     (model_a, sae_a, acts_a), (model_b, sae_b, acts_b) = a, b
-    key = cache.stage_key("pair", PAIR_VERSION, a=str(acts_a.directory.name), b=str(acts_b.directory.name),
-                          compare=dataclasses.asdict(cfg.compare))
+    key = pair_key(acts_a, acts_b, cfg)
     directory = cache.stage_dir(results_dir, "pair", key)
-    if not cache.is_complete(directory):
-        result = compare_runs(
-            model_a.name, acts_a, feature_logit_weights(model_a.model, sae_a.sae),
-            model_b.name, acts_b, feature_logit_weights(model_b.model, sae_b.sae),
-            cfg.compare, rotation_seed=int(key[:8], 16),
-        )
-        save_pair(result, directory)
-        cache.mark_complete(directory, {"pair": [model_a.name, model_b.name]})
+    with cache.lock(directory):
+        if not cache.is_complete(directory):
+            result = compare_runs(
+                model_a.name, acts_a, feature_logit_weights(model_a.model, sae_a.sae),
+                model_b.name, acts_b, feature_logit_weights(model_b.model, sae_b.sae),
+                cfg.compare, rotation_seed=int(key[:8], 16),
+            )
+            save_pair(result, directory)
+            cache.mark_complete(directory, {"pair": [model_a.name, model_b.name]}, f"{model_a.name} vs {model_b.name}")
     return load_pair(directory)
 
 
@@ -297,25 +396,55 @@ def summarize(pairs: list[PairResult], randomized: PairResult | None, names: lis
     return summary
 
 
-def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str = "auto", progress: bool = True) -> RunResult:
-    """corpus -> tokens -> models -> SAEs -> held-out activations -> pair comparisons -> summary."""
+def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str = "auto", progress: bool = True,
+        engine: Engine = Engine()) -> RunResult:
+    """corpus -> tokens -> per run (model -> SAE -> held-out activations) -> pair comparisons -> summary.
+
+    ``engine`` says where the per-run stages and the pair comparisons run (in this process, in
+    parallel worker processes, on a Dask cluster); the results do not depend on it.
+    """
     device = resolve_device(device)
     results_dir = Path(results_dir)
-    dataset = prepare_data(cfg, results_dir)
-    models = {m.name: m for m in (train_model(dataset, cfg, s, device, results_dir, progress) for s in seeds)}
-    if cfg.compare.randomized_baseline:
-        base = next(iter(models.values()))
-        for shuffle_seed in (1, 2):
-            shuffled = shuffle_model(base, shuffle_seed, results_dir, device)
-            models[shuffled.name] = shuffled
-    saes = {name: fit_sae(dataset, m, cfg, device, results_dir, progress) for name, m in models.items()}
-    acts = {name: record_activations(dataset, models[name], saes[name], cfg, device, results_dir) for name in models}
-    runs = {name: (models[name], saes[name], acts[name]) for name in models}
-    seed_names = [f"seed{s}" for s in seeds]
-    pairs = [compare_pair(runs[a], runs[b], cfg, results_dir) for a, b in itertools.combinations(seed_names, 2)]
-    shuffled_names = [n for n in models if n not in seed_names]
-    randomized = compare_pair(runs[shuffled_names[0]], runs[shuffled_names[1]], cfg, results_dir) if shuffled_names else None
+    with _disk_errors():
+        results_dir.mkdir(parents=True, exist_ok=True)
+        dataset = prepare_data(cfg, results_dir)
+        tasks = run_tasks(cfg, dataset, seeds, device, results_dir, progress)
+        if not engine.in_process(len(tasks)):  # bars from parallel workers would garble each other
+            tasks = [dataclasses.replace(task, progress=False) for task in tasks]
+        built = engine.map_cached(build_run, [(task,) for task in tasks], lambda task: is_cached(task, dataset))
+        runs = {paths.name: load_run(paths, device) for paths in built}
+        seed_names = [f"seed{s}" for s in seeds]
+        pair_names = list(itertools.combinations(seed_names, 2))
+        shuffled_names = [n for n in runs if n not in seed_names]
+        if shuffled_names:
+            pair_names.append(tuple(shuffled_names))
+        compared = engine.map_cached(compare_pair, [(runs[a], runs[b], cfg, results_dir) for a, b in pair_names],
+                                     is_compared)
+    pairs, randomized = (compared[:-1], compared[-1]) if shuffled_names else (compared, None)
+    models = {name: model for name, (model, _, _) in runs.items()}
+    saes = {name: sae for name, (_, sae, _) in runs.items()}
     return RunResult(cfg, dataset, models, saes, pairs, randomized, summarize(pairs, randomized, seed_names, cfg))
+
+
+def run_tasks(cfg: ExperimentConfig, dataset: Dataset, seeds: list[int], device: str, results_dir: Path,
+              progress: bool) -> list[RunTask]:
+    """One task per seed, then the two weight-shuffled controls of the first seed's model (if enabled)."""
+    runs = [(seed, None) for seed in seeds]
+    if cfg.compare.randomized_baseline:
+        runs += [(seeds[0], shuffle_seed) for shuffle_seed in (1, 2)]
+    devices = spread_devices(device, len(runs))
+    return [RunTask(cfg, dataset.directory, dataset.key, seed, shuffle_seed, run_device, results_dir, progress)
+            for (seed, shuffle_seed), run_device in zip(runs, devices)]
+
+
+@contextlib.contextmanager
+def _disk_errors() -> Iterator[None]:
+    """A full disk or an unwritable results folder as one line naming the path, not a traceback.
+    Nothing is left half-written: every file is written to a temp name and renamed into place."""
+    try:
+        yield
+    except OSError as exc:
+        raise UnivError(f"cannot write results: {exc.strerror or exc} ({exc.filename or 'results folder'})") from None
 
 
 def describe(result: RunResult) -> str:
