@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from models.transformer import OneLayerTransformer, TransformerConfig
-from sae.activations import array_chunks, load_npy_activations, model_activations, shuffled_batches
+from sae.activations import array_chunks, model_activations, shuffled_batches
 from sae.base import SAE
 from sae.checkpoint import is_complete, load_sae, save_sae
 from sae.constrained_adam import ConstrainedAdam
