@@ -154,7 +154,7 @@ def render_terminal(card: FeatureCard) -> str:
     lines = [click.style(f"seed{card.seed} feature {card.feature}", bold=True) + f"  density {card.density:.3g}",
              "top activating contexts:"]
     for ex in card.examples:
-        token = click.style(_show(ex.token), fg="black", bg="yellow", bold=True)
+        token = click.style(f"⟦{_show(ex.token)}⟧", fg="black", bg="yellow", bold=True)  # brackets survive pipes
         lines.append(f"  {ex.value:8.3f}  {_show(ex.left)}{token}{_show(ex.right)}")
     for label, pairs in (("promotes", card.promoted), ("suppresses", card.suppressed)):
         lines.append(f"{label}: " + ", ".join(f"{_show(t)!r} {w:+.2f}" for t, w in pairs))

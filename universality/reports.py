@@ -1,0 +1,233 @@
+"""Correlation reports: the paper's universality figures and self-contained HTML pages.
+
+Per pair of seeds: the histogram of each feature's max activation correlation with the other
+seed (SAE features vs neurons vs randomly rotated neurons: the paper's universality figure),
+density vs max correlation, activation vs logit-weight correlation of matched features, and
+the correlation block of the best-matched features. Per run: the same histogram over all
+pairs, the headline numbers beside the paper's, and cards of the most and least universal
+features. Every figure is a PNG file and is embedded (base64) in the HTML, so one HTML file
+stands alone and MLflow's artifact viewer shows both.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from universality.atomic import atomic_path, write_text  # noqa: E402
+from universality.feature_cards import RunSources, render_html  # noqa: E402
+from universality.pairs import PairResult  # noqa: E402
+
+PAPER_MEDIAN_MAX_CORR = {"features": 0.72, "neurons": 0.46}  # Towards Monosemanticity, A/1 vs B/1
+BASIS_LABELS = {"features": "SAE features", "neurons": "MLP neurons", "rotation": "rotated neurons (baseline)"}
+BASIS_COLORS = {"features": "tab:blue", "neurons": "tab:orange", "rotation": "tab:gray"}
+N_CARDS = 5  # most and least universal features shown with cards
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}
+img{max-width:100%}.card{border:1px solid #aaa;border-radius:6px;padding:0 1em;margin:1em 0}
+.ctx{font-family:monospace;white-space:pre}mark{background:#ffd54f;font-weight:bold}"""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A rendered figure: its file name, caption and PNG bytes."""
+
+    name: str
+    caption: str
+    png: bytes
+
+    def html(self) -> str:
+        data = base64.b64encode(self.png).decode()
+        return (f"<figure><img alt='{html.escape(self.caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{html.escape(self.caption)}</figcaption></figure>")
+
+
+def render(fig: plt.Figure, name: str, caption: str) -> Figure:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return Figure(name, caption, buffer.getvalue())
+
+
+def universality_histogram(max_corr: Mapping[str, np.ndarray], title: str) -> Figure:
+    """Per-feature max correlation with the other seed, one histogram per basis, medians marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(0, 1, 41)
+    for basis, values in max_corr.items():
+        x = np.asarray(values, np.float64)
+        x = x[~np.isnan(x)]
+        if x.size == 0:
+            continue
+        ax.hist(x, bins=bins, density=True, histtype="step", linewidth=2, color=BASIS_COLORS[basis],
+                label=f"{BASIS_LABELS[basis]} (median {np.median(x):.2f}, n={x.size})")
+        ax.axvline(np.median(x), color=BASIS_COLORS[basis], linewidth=1)
+    for basis, value in PAPER_MEDIAN_MAX_CORR.items():
+        ax.axvline(value, color=BASIS_COLORS[basis], linestyle="--", linewidth=1,
+                   label=f"paper median, {BASIS_LABELS[basis]} ({value})")
+    ax.set(xlabel="max activation correlation with the other seed", ylabel="density of features", title=title, xlim=(0, 1))
+    ax.legend(fontsize=8, loc="upper left")
+    return render(fig, "universality.png", title)
+
+
+def density_scatter(table: pd.DataFrame, title: str) -> Figure:
+    """Does universality depend on how often a feature fires? Density vs max correlation."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = table[table.feature_b >= 0]
+    ax.scatter(rows.density_a, rows["corr"], s=6, alpha=0.5, c=np.where(rows.mutual, "tab:red", "tab:blue"))
+    ax.scatter([], [], s=12, c="tab:red", label="mutual match")
+    ax.scatter([], [], s=12, c="tab:blue", label="max-correlation match only")
+    ax.set(xscale="log", xlabel="feature density (fraction of tokens firing)", ylabel="max activation correlation",
+           title=title, ylim=(0, 1))
+    ax.legend(fontsize=8)
+    return render(fig, "density_vs_corr.png", title)
+
+
+def logit_scatter(table: pd.DataFrame, title: str) -> Figure:
+    """Activation vs logit-weight correlation of matched features (the paper: often low logit corr)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = table[table.feature_b >= 0]
+    for mutual, color, label in ((False, "tab:blue", "max-correlation match"), (True, "tab:red", "mutual match")):
+        part = rows[rows.mutual == mutual]
+        ax.scatter(part["corr"], part.logit_corr, s=6, alpha=0.5, color=color, label=f"{label} (n={len(part)})")
+    ax.axhline(0, color="k", linewidth=0.5)
+    ax.set(xlabel="activation correlation", ylabel="logit-weight correlation", title=title, xlim=(0, 1), ylim=(-1, 1))
+    ax.legend(fontsize=8)
+    return render(fig, "logit_vs_activation.png", title)
+
+
+def block_heatmap(top_block: np.ndarray, run_a: str, run_b: str, title: str) -> Figure:
+    """Correlations of A's best-matched features (rows) with their partners in B (columns)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    image = ax.imshow(top_block, vmin=-1, vmax=1, cmap="RdBu_r")
+    fig.colorbar(image, ax=ax, label="activation correlation")
+    ax.set(xlabel=f"{run_b} partner (match order)", ylabel=f"{run_a} feature (by max correlation)", title=title)
+    return render(fig, "top_block.png", title)
+
+
+def density_histogram(hist: Mapping[str, list], run: str) -> Figure:
+    """An SAE's log10 feature-density histogram (the paper's is bimodal: ultralow and main mode)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    edges, counts = np.asarray(hist["edges"]), np.asarray(hist["counts"])
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", edgecolor="k", label="features that fired")
+    ax.axvline(-6, color="tab:red", linestyle="--", label="ultralow threshold (1e-6)")
+    ax.set(xlabel="log10 feature density", ylabel="features", title=f"{run}: SAE feature density")
+    ax.legend(fontsize=8)
+    return render(fig, "density_histogram.png", f"{run}: SAE feature density")
+
+
+def pair_figures(pair: PairResult) -> list[Figure]:
+    name = f"{pair.run_a} vs {pair.run_b}"
+    return [
+        universality_histogram(pair.max_corr, f"{name}: max activation correlation per feature"),
+        density_scatter(pair.table, f"{name}: density vs max correlation"),
+        logit_scatter(pair.table, f"{name}: activation vs logit-weight correlation"),
+        block_heatmap(pair.top_block, pair.run_a, pair.run_b, f"{name}: top matched features"),
+    ]
+
+
+def ranked_features(matched: pd.DataFrame, seed_a: int, seed_b: int | None = None) -> pd.DataFrame:
+    """``seed_a``'s features with partners, ranked by max correlation (mean over seeds if ``seed_b`` is None)."""
+    rows = matched[(matched.seed_a == seed_a) & (matched.max_partner >= 0)]
+    if seed_b is not None:
+        rows = rows[rows.seed_b == seed_b]
+    return rows.groupby("feature_a")["max_corr"].mean().sort_values(ascending=False).reset_index()
+
+
+def _headline_table(stats: Mapping[str, float]) -> str:
+    rows = [("median max corr, SAE features", stats.get("features.max_corr_median"), PAPER_MEDIAN_MAX_CORR["features"]),
+            ("median max corr, neurons", stats.get("neurons.max_corr_median"), PAPER_MEDIAN_MAX_CORR["neurons"]),
+            ("median max corr, rotated neurons", stats.get("rotation.max_corr_median"), None),
+            ("mean max corr, SAE features", stats.get("features.max_corr_mean"), None),
+            ("fraction of features with a partner above 0.5", stats.get("features.frac_above_0.5"), None),
+            ("mutual matches", stats.get("features.n_mutual"), None),
+            ("median logit-weight corr, mutual matches", stats.get("features.logit_corr_median_mutual"), None),
+            ("linear CKA of the MLP spaces", stats.get("cka"), None)]
+    fmt = lambda v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    body = "".join(f"<tr><td>{label}</td><td>{fmt(ours)}</td><td>{fmt(paper)}</td></tr>" for label, ours, paper in rows)
+    return f"<table><tr><th>statistic</th><th>this run</th><th>paper (A/1 vs B/1)</th></tr>{body}</table>"
+
+
+def _cards_section(ranked: pd.DataFrame, source: RunSources, matched: pd.DataFrame) -> str:
+    top = ranked.head(N_CARDS).feature_a
+    bottom = ranked.tail(N_CARDS).feature_a[::-1]
+    section = lambda title, feats: f"<h3>{title}</h3>" + "".join(  # noqa: E731
+        render_html(source.card(int(f), matched)) for f in feats)
+    return (section(f"Most universal features of seed{source.seed}", top)
+            + section(f"Least universal features of seed{source.seed} (that have a partner)", bottom))
+
+
+def page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+
+
+def pair_report(pair: PairResult, figures: Sequence[Figure], matched: pd.DataFrame,
+                sources: Mapping[str, RunSources]) -> str:
+    source_a, source_b = sources[pair.run_a], sources[pair.run_b]
+    ranked = ranked_features(matched, source_a.seed, source_b.seed)
+    body = (_headline_table(pair.stats) + "".join(f.html() for f in figures)
+            + _cards_section(ranked, source_a, matched))
+    return page(f"univ: {pair.run_a} vs {pair.run_b}", body)
+
+
+def run_report(pairs: Sequence[PairResult], randomized: PairResult | None, summary: Mapping[str, float],
+               matched: pd.DataFrame, sources: Mapping[str, RunSources], figure: Figure) -> str:
+    """The whole run: pooled histogram, per-pair headline rows, the randomized control, feature cards."""
+    per_pair = "".join(
+        f"<tr><td>{p.run_a} vs {p.run_b}</td><td>{p.stats['features.max_corr_median']:.3f}</td>"
+        f"<td>{p.stats['neurons.max_corr_median']:.3f}</td><td>{p.stats['rotation.max_corr_median']:.3f}</td>"
+        f"<td>{p.stats['features.n_mutual']}</td></tr>" for p in pairs)
+    control = ("" if randomized is None else
+               f"<p>Randomized-transformer control (weight-shuffled models): median max corr of SAE features "
+               f"{randomized.stats['features.max_corr_median']:.3f}.</p>")
+    pooled = {k: summary.get(f"{k}_mean") for k in ("features.max_corr_median", "neurons.max_corr_median",
+                                                     "rotation.max_corr_median", "features.max_corr_mean",
+                                                     "features.frac_above_0.5", "features.n_mutual",
+                                                     "features.logit_corr_median_mutual", "cka")}
+    first = sources[pairs[0].run_a]
+    body = ("<h2>Headline (mean over pairs)</h2>" + _headline_table(pooled)
+            + f"<p>Feature families spanning every seed: {summary.get('families.n_all_runs', '–')}.</p>" + control
+            + "<h2>Pairs</h2><table><tr><th>pair</th><th>features</th><th>neurons</th><th>rotated neurons</th>"
+            + f"<th>mutual matches</th></tr>{per_pair}</table>" + figure.html()
+            + _cards_section(ranked_features(matched, first.seed), first, matched))
+    return page("univ: feature universality across seeds", body)
+
+
+def pooled_max_corr(pairs: Sequence[PairResult]) -> dict[str, np.ndarray]:
+    return {basis: np.concatenate([p.max_corr[basis] for p in pairs]) for basis in pairs[0].max_corr}
+
+
+def write_figure(figure: Figure, folder: Path) -> Path:
+    with atomic_path(folder / figure.name) as tmp:
+        tmp.write_bytes(figure.png)
+    return folder / figure.name
+
+
+def write_pair_report(pair: PairResult, matched: pd.DataFrame, sources: Mapping[str, RunSources], folder: Path) -> Path:
+    """The pair's figures (PNG) and its HTML report in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = pair_figures(pair)
+    for figure in figures:
+        write_figure(figure, folder)
+    write_text(folder / "report.html", pair_report(pair, figures, matched, sources))
+    return folder
+
+
+def write_run_report(pairs: Sequence[PairResult], randomized: PairResult | None, summary: Mapping[str, float],
+                     matched: pd.DataFrame, sources: Mapping[str, RunSources], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    figure = universality_histogram(pooled_max_corr(pairs), "all pairs: max activation correlation per feature")
+    write_figure(figure, folder)
+    write_text(folder / "report.html", run_report(pairs, randomized, summary, matched, sources, figure))
+    return folder

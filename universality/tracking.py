@@ -1,0 +1,318 @@
+"""MLflow tracking of a ``univ run``: one parent run, a child per seed and per pair of seeds.
+
+The store is embedded by default: SQLite at ``<results>/mlflow.db`` with artifacts in
+``<results>/mlartifacts``; ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) points at a server
+instead. ``tracked_run`` checks the store and creates the parent run *before* any training (an
+unreachable server fails fast), the pipeline runs, then ``Tracker.log_result`` logs everything
+in batches (one ``log_batch`` per 1000 metrics, never one call per step). An exception marks
+the open runs FAILED, Ctrl-C marks them KILLED; every ``univ run`` makes a new parent run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+
+from universality import export, reports
+from universality.config import ExperimentConfig
+from universality.errors import UnivError
+from universality.feature_cards import RunSources, load_run_sources, vocab_strings
+
+DEFAULT_EXPERIMENT = "univ"
+KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | control-model | pair | randomized-pair
+METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+PARAMS_PER_BATCH = 100
+TABLES = {"matched": "tables/matched_features.parquet", "families": "tables/matched_features.families.parquet"}
+HEALTH_TIMEOUT_S = 5
+
+
+def embedded_uri(results_dir: Path) -> str:
+    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
+
+
+def resolve_uri(results_dir: Path, tracking_uri: str | None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the embedded store of ``results_dir``."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(results_dir)
+
+
+def check_store(uri: str, results_dir: Path) -> None:
+    """Fail fast, in one line, when a tracking server does not answer; create the embedded store's folder."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise UnivError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
+    elif uri == embedded_uri(results_dir):
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+
+
+def open_client(results_dir: Path, tracking_uri: str | None) -> MlflowClient:
+    uri = resolve_uri(results_dir, tracking_uri)
+    check_store(uri, results_dir)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str, results_dir: Path) -> str:
+    """The experiment's id, creating it on first use (landing the UI on its runs table)."""
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    embedded = client.tracking_uri == embedded_uri(results_dir)
+    location = (Path(results_dir).resolve() / "mlartifacts").as_uri() if embedded else None
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+_BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
+def metric_name(key: str) -> str:
+    """MLflow metric names allow letters, digits, ``_-./`` and spaces; anything else becomes ``_``."""
+    return _BAD_METRIC_CHARS.sub("_", key)
+
+
+def metrics_from(values: Mapping[str, float], prefix: str = "", step: int = 0) -> list[Metric]:
+    """Scalar entries of ``values`` as Metrics (lists, dicts and strings are left out)."""
+    now = int(time.time() * 1000)
+    return [Metric(metric_name(prefix + k), float(v), now, step) for k, v in values.items()
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)]
+
+
+def curves(history: Sequence[Mapping[str, float]], prefix: str, extra: Mapping[str, float] | None = None) -> list[Metric]:
+    """Every numeric field of every history row at that row's ``step`` (plus constant ``extra`` lines)."""
+    return [m for row in history
+            for m in metrics_from({**{k: v for k, v in row.items() if k != "step"}, **(extra or {})}, prefix, int(row["step"]))]
+
+
+def package_versions() -> dict[str, str]:
+    return {f"version.{name}": version(dist) for name, dist in
+            (("torch", "torch"), ("numpy", "numpy"), ("mlflow", "mlflow"), ("univ", "univ"))}
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@dataclass
+class Tracker:
+    """The open parent run of one ``univ run`` and the child runs made under it."""
+
+    client: MlflowClient
+    experiment_id: str
+    run_id: str
+    results_dir: Path
+    seconds: float = 0.0  # wall time spent tracking: creating runs, logging, writing reports
+    open_runs: list[str] = field(default_factory=list)
+
+    def log(self, run_id: str, metrics: Iterable[Metric] = (), params: Mapping[str, object] | None = None,
+            tags: Mapping[str, str] | None = None) -> None:
+        """Everything in as few ``log_batch`` calls as MLflow's limits allow."""
+        metrics = list(metrics)
+        param_list = [Param(k, str(v)) for k, v in (params or {}).items()]
+        tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        self.client.log_batch(run_id, metrics=metrics[:METRICS_PER_BATCH], params=param_list[:PARAMS_PER_BATCH], tags=tag_list)
+        for start in range(METRICS_PER_BATCH, len(metrics), METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start : start + METRICS_PER_BATCH])
+        for start in range(PARAMS_PER_BATCH, len(param_list), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=param_list[start : start + PARAMS_PER_BATCH])
+
+    def child(self, name: str, kind: str, tags: Mapping[str, str] | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={MLFLOW_PARENT_RUN_ID: self.run_id, KIND: kind, **(tags or {})})
+        self.open_runs.append(run.info.run_id)
+        return run.info.run_id
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+        self.open_runs.remove(run_id)
+
+    def finish_all(self, status: str) -> None:
+        """Close every open run, children first, so none is left RUNNING."""
+        for run_id in reversed(list(self.open_runs)):
+            self.finish(run_id, status)
+
+    def log_result(self, result) -> None:
+        """Child runs, reports and tables of a finished ``pipeline.RunResult``; aggregates on the parent."""
+        start = time.perf_counter()
+        folder = self.results_dir / "reports" / self.run_id
+        sources = export.run_sources(result)
+        matched, families = export.matched_table(result.pairs, sources)
+        for name in result.models:
+            self._log_model_run(result, name, folder / "runs" / name)
+        for pair in result.pairs:
+            self._log_pair(pair, "pair", reports.write_pair_report(pair, matched, sources, folder / "pairs" / _pair_name(pair)))
+        if result.randomized is not None:
+            control = folder / "pairs" / _pair_name(result.randomized)
+            control.mkdir(parents=True, exist_ok=True)
+            for figure in reports.pair_figures(result.randomized):
+                reports.write_figure(figure, control)
+            self._log_pair(result.randomized, "randomized-pair", control)
+        self._log_tables(matched, families, folder / "tables")
+        if result.pairs:
+            self.client.log_artifacts(self.run_id, str(reports.write_run_report(
+                result.pairs, result.randomized, result.summary, matched, sources, folder / "report")), "report")
+        dataset = result.dataset
+        _log_dataset(self.client, self.run_id, dataset.corpus_source, dataset.corpus_fingerprint)
+        self.log(self.run_id, metrics_from(result.summary),
+                 params={"corpus.source": dataset.corpus_source, "corpus.fingerprint": dataset.corpus_fingerprint},
+                 tags={"univ.data_dir": str(dataset.directory)})
+        self.seconds += time.perf_counter() - start
+        self.log(self.run_id, metrics_from({"tracking_seconds": self.seconds}))
+
+    def _log_model_run(self, result, name: str, folder: Path) -> None:
+        model, sae = result.models[name], result.saes[name]
+        kind = "seed" if name.startswith("seed") else "control-model"
+        run_id = self.child(name, kind, {"univ.run_name": name, "univ.seed": str(model.seed),
+                                         "univ.model_dir": str(model.directory), "univ.sae_dir": str(sae.directory),
+                                         "univ.activations_dir": str(_activations_dir(result, name))})
+        sae_final = {k: v for k, v in sae.metrics.items() if k not in ("densities", "log10_density_hist")}
+        self.log(run_id, [*curves(model.history, "transformer/", model.metrics and
+                                  {k: model.metrics[k] for k in ("unigram_ce", "bigram_ce")}),
+                          *metrics_from(model.metrics, "transformer/final_"),
+                          *curves(sae.history, "sae/"),
+                          *[m for e in sae.resampling_events for m in metrics_from({"n_resampled": e["n_resampled"]}, "sae/", e["step"])],
+                          *metrics_from(sae_final, "sae_eval/")],
+                 params={"seed": model.seed, "model_key": model.key, "sae_key": sae.key})
+        folder.mkdir(parents=True, exist_ok=True)
+        reports.write_figure(reports.density_histogram(sae.metrics["log10_density_hist"], name), folder)
+        self.client.log_artifacts(run_id, str(folder), "figures")
+        for file in ("model.safetensors", "config.json"):
+            self.client.log_artifact(run_id, str(model.directory / file), "model")
+        self.client.log_artifact(run_id, str(result.dataset.tokenizer_path), "tokenizer")
+        for file in ("cfg.json", "sae_weights.safetensors"):
+            self.client.log_artifact(run_id, str(sae.directory / file), "sae")
+        self.finish(run_id)
+
+    def _log_pair(self, pair, kind: str, folder: Path) -> None:
+        run_id = self.child(_pair_name(pair), kind, {"univ.run_a": pair.run_a, "univ.run_b": pair.run_b})
+        self.log(run_id, metrics_from(pair.stats))
+        self.client.log_artifacts(run_id, str(folder), "report")
+        self.finish(run_id)
+
+    def _log_tables(self, matched: pd.DataFrame, families: pd.DataFrame, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for fmt in ("parquet", "csv"):
+            export.write_tables(matched, families, folder / f"matched_features.{fmt}", fmt)
+        self.client.log_artifacts(self.run_id, str(folder), "tables")
+
+
+def _pair_name(pair) -> str:
+    return f"{pair.run_a}-vs-{pair.run_b}"
+
+
+def _activations_dir(result, name: str) -> Path:
+    """The run's held-out activations folder (already recorded: this only finds it in the cache)."""
+    from universality import pipeline
+
+    model, sae = result.models[name], result.saes[name]
+    results_dir = result.dataset.directory.parent.parent.parent
+    return pipeline.record_activations(result.dataset, model, sae, result.cfg, "cpu", results_dir).directory
+
+
+def _log_dataset(client: MlflowClient, run_id: str, source: str, fingerprint: str) -> None:
+    """The corpus as an MLflow dataset input: its source and fingerprint (digest: MLflow keeps 36 chars)."""
+    dataset = MetaDataset(CodeDatasetSource({"corpus": source}), name="corpus", digest=fingerprint[:32])
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])])
+
+
+@contextlib.contextmanager
+def tracked_run(results_dir: Path, tracking_uri: str | None, experiment: str, cfg: ExperimentConfig,
+                seeds: Sequence[int]) -> Iterator[Tracker]:
+    """Open the parent run (failing fast if the store is unreachable); close every run on the way out."""
+    start = time.perf_counter()
+    results_dir = Path(results_dir)
+    client = open_client(results_dir, tracking_uri)
+    exp = experiment_id(client, experiment, results_dir)
+    tags = {KIND: "experiment", "univ.results_dir": str(results_dir.resolve()), "univ.preset": cfg.name}
+    revision = git_revision()
+    if revision:
+        tags[MLFLOW_GIT_COMMIT] = revision
+    run = client.create_run(exp, run_name=f"{cfg.name}-{len(seeds)}-seeds", tags=tags)
+    tracker = Tracker(client, exp, run.info.run_id, results_dir, open_runs=[run.info.run_id])
+    tracker.log(tracker.run_id, params={**cfg.flat(), "seeds": ",".join(map(str, seeds)), **package_versions()})
+    tracker.seconds += time.perf_counter() - start
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.finish_all("KILLED")
+        raise
+    except BaseException:
+        tracker.finish_all("FAILED")
+        raise
+    tracker.finish_all("FINISHED")
+
+
+
+def find_run(client: MlflowClient, run: str):
+    """A univ parent run by id, or ``latest``: the newest finished one in any experiment."""
+    if run == "latest":
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, filter_string=f"tags.`{KIND}` = 'experiment' and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+        if not runs:
+            raise UnivError(f"no finished univ run in {client.tracking_uri}")
+        return runs[0]
+    try:
+        found = client.get_run(run)
+    except MlflowException:
+        raise UnivError(f"unknown run id {run!r} in {client.tracking_uri}") from None
+    if found.data.tags.get(KIND) != "experiment":
+        raise UnivError(f"run {run} is not a univ run (it has no {KIND}=experiment tag)")
+    return found
+
+
+def load_tables(client: MlflowClient, run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The (matched features, families) tables logged on a univ parent run, downloaded from its artifacts."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the CLI's output to its own lines
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            paths = {name: client.download_artifacts(run_id, path, tmp) for name, path in TABLES.items()}
+        except (MlflowException, OSError):
+            raise UnivError(f"run {run_id} has no matched feature tables (did it finish?)") from None
+        return (export.read_table(paths["matched"], "parquet", export.MATCHED_COLUMNS),
+                export.read_table(paths["families"], "parquet", export.FAMILY_COLUMNS))
+
+
+def seed_sources(client: MlflowClient, parent, seed: int) -> RunSources:
+    """A seed's card sources, from the stage folders its child run recorded (they must be on this machine)."""
+    from universality.tokenization import load_tokenizer
+
+    parent_id = parent.info.run_id
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`{KIND}` = 'seed' and tags.`univ.seed` = '{seed}'")
+    if not children:
+        raise UnivError(f"run {parent_id} has no seed {seed} (its seeds: {parent.data.params.get('seeds')})")
+    tags, params = children[0].data.tags, parent.data.params
+    data_dir = Path(parent.data.tags["univ.data_dir"])
+    folders = [data_dir, *(Path(tags[f"univ.{k}_dir"]) for k in ("model", "sae", "activations"))]
+    missing = [f for f in folders if not f.is_dir()]
+    if missing:
+        raise UnivError(f"stage folder {missing[0]} of run {parent_id} is not on this machine")
+    return load_run_sources(seed, *folders, int(params["data.ctx_len"]), int(params["compare.tokens"]),
+                            int(params["compare.context_tokens"]), vocab_strings(load_tokenizer(data_dir / "tokenizer.json")))
