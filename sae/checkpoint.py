@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from sae.base import SAE
 from sae.registry import build_sae
 from sae.training import TrainedSAE
+from universality.atomic import atomic_path, write_text
 from universality.config import SAEConfig
 from universality.errors import ConfigError, DataError
 
@@ -36,7 +35,8 @@ def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Pa
     (out / COMPLETE_MARKER).unlink(missing_ok=True)
 
     tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in PARAM_NAMES}
-    _atomic_write(out / WEIGHTS_FILE, lambda path: save_file(tensors, str(path)))
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
     sae_cfg = {"architecture": sae.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
                **dataclasses.asdict(cfg)}
     all_metrics = dict(metrics or {})
@@ -44,9 +44,9 @@ def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Pa
         sae_cfg["input_scale_folded"] = trained_or_sae.input_scale
         all_metrics.update(history=trained_or_sae.history, resampling_events=trained_or_sae.resampling_events,
                            input_scale=trained_or_sae.input_scale)
-    _atomic_write_text(out / CFG_FILE, json.dumps(sae_cfg, indent=2))
-    _atomic_write_text(out / METRICS_FILE, json.dumps(all_metrics, indent=2, default=_jsonable))
-    _atomic_write_text(out / COMPLETE_MARKER, "")
+    write_text(out / CFG_FILE, json.dumps(sae_cfg, indent=2))
+    write_text(out / METRICS_FILE, json.dumps(all_metrics, indent=2, default=_jsonable))
+    write_text(out / COMPLETE_MARKER, "")
     return out
 
 
@@ -71,21 +71,6 @@ def load_sae(out_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
         for name in PARAM_NAMES:
             getattr(sae, name).copy_(tensors[name])
     return sae.to(device)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _jsonable(value: Any) -> Any:
