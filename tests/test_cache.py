@@ -1,0 +1,133 @@
+"""The stage cache: keys, checksums, listing and clearing, and what a re-run recomputes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from fast_pipeline import fast_cfg, run_fast, stage_checksums
+
+from universality import cache, checkpoint, pipeline
+from universality.cli import main
+
+
+@pytest.fixture(scope="module")
+def base_results(tmp_path_factory) -> Path:
+    """A finished two-seed run; each test works on its own copy."""
+    results = tmp_path_factory.mktemp("base") / "results"
+    run_fast(results, [0, 1])
+    return results
+
+
+@pytest.fixture()
+def results(base_results, tmp_path) -> Path:
+    copy = tmp_path / "results"
+    shutil.copytree(base_results, copy)
+    return copy
+
+
+def forbid(monkeypatch, *names: str) -> None:
+    """Make pipeline's training/comparison functions fail if called: proves a stage was cached."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached stage was recomputed")
+    for name in names:
+        monkeypatch.setattr(pipeline, name, fail)
+
+
+def record_calls(monkeypatch, name: str) -> list:
+    """Let pipeline's ``name`` run, remembering its arguments."""
+    calls, real = [], getattr(pipeline, name)
+    def recording(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pipeline, name, recording)
+    return calls
+
+
+def test_stage_key_is_stable_and_changes_with_any_input():
+    key = cache.stage_key("sae", 1, model="abc", sae={"lr": 1e-3})
+    assert key == cache.stage_key("sae", 1, sae={"lr": 1e-3}, model="abc")
+    assert key != cache.stage_key("sae", 2, model="abc", sae={"lr": 1e-3})
+    assert key != cache.stage_key("sae", 1, model="abc", sae={"lr": 2e-3})
+
+
+def test_done_marker_checksums_detect_corruption_and_truncation(tmp_path):
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\x01" * 1000)
+    (folder / cache.SCRATCH).mkdir()
+    (folder / cache.SCRATCH / "checkpoint.json").write_text("{}")  # scratch: not part of the output
+    cache.mark_complete(folder, {"n": 1}, "a test stage")
+    assert cache.is_complete(folder) and cache.read_summary(folder) == {"n": 1}
+    assert set(json.loads((folder / cache.DONE).read_text())["files"]) == {"weights.bin"}
+
+    (folder / "weights.bin").write_bytes(b"\x01" * 999 + b"\x02")  # same size, one byte flipped
+    assert not cache.is_complete(folder)
+    (folder / "weights.bin").write_bytes(b"\x01" * 10)
+    assert not cache.is_complete(folder)
+    assert [e.state for e in cache.entries(tmp_path.parent, None)] == []  # not under <results>/cache
+
+
+def test_damaged_training_checkpoint_is_ignored(tmp_path):
+    checkpoint.save(tmp_path, {"w": torch.ones(4)}, {"step": 3})
+    tensors, state = checkpoint.load(tmp_path)
+    assert state == {"step": 3} and torch.equal(tensors["w"], torch.ones(4))
+    path = tmp_path / checkpoint.TENSORS
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert checkpoint.load(tmp_path) is None
+    assert "damaged" in str(caught[0].message)
+
+
+def test_rerun_with_same_arguments_does_no_work(results, monkeypatch):
+    before = run_fast(results, [0, 1])
+    forbid(monkeypatch, "train_transformer", "train_sae", "compare_runs", "train_tokenizer")
+    again = run_fast(results, [0, 1])
+    assert again.summary == before.summary
+
+
+def test_new_seed_trains_only_that_seed_and_compares_only_new_pairs(results, monkeypatch):
+    trained = record_calls(monkeypatch, "train_transformer")
+    compared = record_calls(monkeypatch, "compare_runs")
+    result = run_fast(results, [0, 1, 2])
+    assert [args[4] for args in trained] == [2]  # train_transformer(train, heldout, model_cfg, cfg, seed, ...)
+    assert sorted((args[0], args[3]) for args in compared) == [("seed0", "seed2"), ("seed1", "seed2")]
+    assert len(result.pairs) == 3
+
+
+def test_changing_an_sae_setting_retrains_saes_not_transformers(results, monkeypatch):
+    forbid(monkeypatch, "train_transformer")
+    saes = record_calls(monkeypatch, "train_sae")
+    run_fast(results, [0, 1], fast_cfg().replace(sae={"lr": 1e-3}))
+    assert len(saes) == 2
+
+
+def test_corrupted_cache_entry_is_recomputed_to_the_same_result(results):
+    before = stage_checksums(results, "model", "model.safetensors")
+    weights = next((results / "cache" / "model").glob("*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    assert any(e.state == "damaged" for e in cache.entries(results, "model"))
+    run_fast(results, [0, 1])
+    assert stage_checksums(results, "model", "model.safetensors") == before
+    assert all(e.state == "complete" for e in cache.entries(results))
+
+
+def test_cache_ls_and_clear_commands(results):
+    runner = CliRunner()
+    listed = runner.invoke(main, ["cache", "ls", "--results-dir", str(results)])
+    assert listed.exit_code == 0
+    assert "transformer seed0" in listed.output and "SAE of seed1" in listed.output
+    assert "held-out activations of seed0" in listed.output and "seed0 vs seed1" in listed.output
+    cleared = runner.invoke(main, ["cache", "clear", "--stage", "sae", "--results-dir", str(results)])
+    assert cleared.exit_code == 0 and "removed 2" in cleared.output
+    assert cache.entries(results, "sae") == [] and len(cache.entries(results, "model")) == 2
+    bad = runner.invoke(main, ["cache", "clear", "--stage", "nope", "--results-dir", str(results)])
+    assert bad.exit_code != 0
