@@ -48,9 +48,11 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--corpus", default=None, help="'stdlib', a text file or folder, or hf:NAME[:SPLIT].")
 @click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def run(seeds, seed_list, preset, config_file, corpus, results_dir, device) -> None:
+@click.option("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else SQLite in the results folder).")
+@click.option("--experiment", default="univ", show_default=True, help="MLflow experiment name.")
+def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment) -> None:
     """Train one transformer per seed, fit an SAE on each, and compare every pair."""
-    from universality import pipeline
+    from universality import pipeline, tracking
     from universality.config import load_config, load_preset
 
     if seeds is not None and seed_list is not None:
@@ -61,8 +63,11 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device) -> N
         cfg = load_config(config_file, base=cfg)
     if corpus is not None:
         cfg = cfg.replace(data={"corpus": corpus})
-    result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device)
+    with tracking.tracked_run(results_dir, tracking_uri, experiment, cfg, chosen) as tracker:
+        result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device)
+        tracker.log_result(result)
     click.echo(pipeline.describe(result))
+    click.echo(f"MLflow run {tracker.run_id} in {tracker.client.tracking_uri} (tracking took {tracker.seconds:.1f} s)")
 
 
 @main.command()
@@ -109,3 +114,107 @@ def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, 
     metrics = train_sae_on_npy(acts, out_dir, overrides, seed=seed, device=device)
     click.echo(f"SAE saved to {out_dir}: fvu {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, "
                f"dead {metrics['dead_fraction']:.1%} on {metrics['heldout_rows']} held-out rows")
+
+
+_RESULTS_DIR = click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
+                            help="Results folder whose embedded MLflow store is used when no tracking URI is given.")
+_TRACKING_URI = click.option("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, "
+                             "else SQLite in the results folder).")
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
+@click.option("--experiment", default="univ", show_default=True, help="Experiment whose URL is printed.")
+@_RESULTS_DIR
+def ui(port, host, experiment, results_dir) -> None:
+    """Start the MLflow UI on the results folder's store and print the experiment's URL."""
+    import subprocess
+
+    from universality import tracking
+
+    client = tracking.open_client(results_dir, tracking.embedded_uri(results_dir))
+    exp = tracking.experiment_id(client, experiment, results_dir)
+    artifacts = Path(results_dir).resolve() / "mlartifacts"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", client.tracking_uri,
+               "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port)]
+    click.echo(f"MLflow UI: http://{host}:{port}/#/experiments/{exp}  (Ctrl-C stops it)")
+    try:
+        subprocess.run(command, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.argument("run_id", metavar="[RUN]", default="latest")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default="csv", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Matched feature table; the families table is written beside it (OUT with .families before the suffix).")
+@_RESULTS_DIR
+@_TRACKING_URI
+def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
+    """Export a univ run's matched feature table and families (RUN: an MLflow run id or 'latest')."""
+    from universality import export as export_tables
+    from universality import tracking
+
+    if not out.parent.is_dir():
+        raise UnivError(f"folder {out.parent} does not exist")
+    client = tracking.open_client(results_dir, tracking_uri)
+    run = tracking.find_run(client, run_id)
+    matched, families = tracking.load_tables(client, run.info.run_id)
+    written = export_tables.write_tables(matched, families, out, fmt)
+    click.echo(f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}")
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("seed", type=click.IntRange(min=0))
+@click.argument("feature", type=click.IntRange(min=0))
+@_RESULTS_DIR
+@_TRACKING_URI
+def features(run_id, seed, feature, results_dir, tracking_uri) -> None:
+    """Show one SAE feature of a univ run (RUN: run id or 'latest'): density, top contexts, logit effects, partners."""
+    from universality import tracking
+    from universality.feature_cards import render_terminal
+
+    client = tracking.open_client(results_dir, tracking_uri)
+    run = tracking.find_run(client, run_id)
+    sources = tracking.seed_sources(client, run, seed)
+    n_features = sources.densities.size
+    if feature >= n_features:
+        raise UnivError(f"feature {feature} is out of range: seed {seed} has {n_features} features (0..{n_features - 1})")
+    matched, _ = tracking.load_tables(client, run.info.run_id)
+    click.echo(render_terminal(sources.card(feature, matched)))
+
+
+@main.group()
+def cache() -> None:
+    """Inspect or clear the stage cache (<results>/cache/<stage>/<key>/)."""
+
+
+_STAGE = click.option("--stage", type=click.Choice(STAGES), default=None,
+                      help="Only this stage.")
+_RESULTS = click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+
+
+@cache.command("ls")
+@_RESULTS
+@_STAGE
+def cache_ls(results_dir, stage) -> None:
+    """List cached stage outputs: stage, key, size, state and what each is."""
+    from universality import cache as stage_cache
+
+    entries = stage_cache.entries(results_dir, stage)
+    for e in entries:
+        click.echo(f"{e.stage:<12} {e.key}  {e.size / 2**20:9.1f} MiB  {e.state:<8}  {e.label}")
+    click.echo(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.1f} MiB in {Path(results_dir) / 'cache'}")
+
+
+@cache.command("clear")
+@_RESULTS
+@_STAGE
+def cache_clear(results_dir, stage) -> None:
+    """Remove cached stage outputs (all, or one stage's): the next run recomputes them."""
+    from universality import cache as stage_cache
+
+    click.echo(f"removed {stage_cache.clear(results_dir, stage)} cached {stage or 'stage'} folder(s)")
