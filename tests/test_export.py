@@ -1,0 +1,90 @@
+"""Matched feature tables: round trips in every format with the documented dtypes, the matching
+seen from B, and the export / features commands' errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from universality import export, tracking
+from universality.cli import main
+from universality.matching import match
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_export_round_trips_with_documented_columns(tracked_tiny, tmp_path, fmt):
+    results, _ = tracked_tiny
+    out = tmp_path / f"matched.{fmt}"
+    result = invoke("export", "latest", "--format", fmt, "--out", out, "--results-dir", results)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking.embedded_uri(results))
+    matched, families = tracking.load_tables(client, tracking.find_run(client, "latest").info.run_id)
+    back = export.read_table(out, fmt, export.MATCHED_COLUMNS)
+    back_families = export.read_table(export.families_path(out), fmt, export.FAMILY_COLUMNS)
+    pd.testing.assert_frame_equal(back, matched)
+    pd.testing.assert_frame_equal(back_families, families)
+    assert {c: str(t) for c, t in back.dtypes.items()} == export.MATCHED_COLUMNS
+    assert len(matched) == 2 * 256  # both directions of the one pair of 256-feature SAEs
+    assert set(matched.seed_a) == {0, 1} and (matched.seed_a != matched.seed_b).all()
+    assert len(families) > 0 and (families["size"] >= 2).all()
+    first = families.iloc[0]
+    rows = matched[matched.family == first.family]
+    listed = {(int(part.split(":")[0][4:]), int(f)) for part in first.members.split(";") for f in part.split(":")[1].split(",")}
+    assert set(zip(rows.seed_a, rows.feature_a)) == listed and len(listed) == first["size"]
+    assert (rows.mutual & (rows.max_corr > export.FAMILY_MIN_CORR)).any()
+
+
+@pytest.mark.slow
+def test_feature_card_in_terminal(tracked_tiny):
+    results, _ = tracked_tiny
+    out = invoke("features", "latest", 1, 3, "--results-dir", results)
+    assert out.exit_code == 0, out.output
+    assert "seed1 feature 3" in out.output and "⟦" in out.output and "seed0 feature" in out.output
+    assert "promotes:" in out.output and "suppresses:" in out.output
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_line_errors_and_write_nothing(tracked_tiny, tmp_path):
+    results, _ = tracked_tiny
+    client = MlflowClient(tracking.embedded_uri(results))
+    child = univ_child(client)
+    cases = [
+        (("export", "0123abc", "--out", tmp_path / "a.csv"), 1, "unknown run id"),
+        (("export", child, "--out", tmp_path / "a.csv"), 1, "not a univ run"),
+        (("export", "--format", "xls", "--out", tmp_path / "a.csv"), 2, "xls"),
+        (("export", "--out", tmp_path / "missing" / "a.csv"), 1, "does not exist"),
+        (("features", "latest", 0, 256), 1, "out of range"),
+        (("features", "latest", 7, 0), 1, "no seed 7"),
+    ]
+    for args, code, message in cases:
+        out = invoke(*args, "--results-dir", results)
+        assert out.exit_code == code, (args, out.output)
+        assert message in out.output
+        if code == 1:
+            assert len(out.output.strip().splitlines()) == 1, out.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def univ_child(client: MlflowClient) -> str:
+    exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`univ.kind` = 'seed'")[0].info.run_id
+
+
+def test_reversed_matching_is_the_matching_of_the_transpose():
+    corr = np.random.default_rng(0).uniform(-1, 1, (7, 5))
+    valid_a, valid_b = np.array([1, 1, 0, 1, 1, 1, 1], bool), np.array([1, 1, 1, 0, 1], bool)
+    got, want = export.reversed_matching(match(corr, valid_a, valid_b)), match(corr.T, valid_b, valid_a)
+    for name in ("best_b", "best_b_corr", "best_a", "best_a_corr", "hungarian_b", "hungarian_corr", "mutual"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+def test_families_path_sits_beside_the_table(tmp_path):
+    assert export.families_path(tmp_path / "out.csv") == tmp_path / "out.families.csv"

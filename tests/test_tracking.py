@@ -1,0 +1,166 @@
+"""MLflow tracking: run structure on the embedded store and on a real tracking server, batching,
+fail-fast on an unreachable server, FAILED / KILLED statuses."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from universality import tracking
+from universality.cli import main
+from universality.config import load_preset
+
+REPORT_FILES = {"report/universality.png", "report/density_vs_corr.png", "report/logit_vs_activation.png",
+                "report/top_block.png", "report/report.html"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def univ_runs(client: MlflowClient) -> dict[str, list]:
+    """Runs of the univ experiment by their univ.kind tag, newest first."""
+    exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    by_kind: dict[str, list] = {}
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]):
+        by_kind.setdefault(run.data.tags[tracking.KIND], []).append(run)
+    return by_kind
+
+
+def check_run_structure(client: MlflowClient) -> None:
+    runs = univ_runs(client)
+    parent = runs["experiment"][0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["seeds"] == "0,1" and parent.data.params["sae.dict_size"] == "256"
+    assert {"version.torch", "version.mlflow", "corpus.fingerprint"} <= set(parent.data.params)
+    assert parent.data.metrics["tracking_seconds"] > 0
+    assert "features.max_corr_median_mean" in parent.data.metrics
+    digest = parent.inputs.dataset_inputs[0].dataset.digest
+    assert parent.data.params["corpus.fingerprint"].startswith(digest)
+    assert {"report/report.html", "report/universality.png", tracking.TABLES["matched"]} <= artifacts(client, parent.info.run_id)
+
+    children = {r.info.run_name: r for kind in ("seed", "pair") for r in runs[kind]
+                if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
+    assert set(children) == {"seed0", "seed1", "seed0-vs-seed1"}
+    seed = children["seed0"].info.run_id
+    assert len(client.get_metric_history(seed, "transformer/eval_loss")) >= 3
+    assert len(client.get_metric_history(seed, "sae/mse")) >= 10
+    assert [m.step for m in client.get_metric_history(seed, "sae/n_resampled")] == [8, 16]
+    assert 0 < client.get_run(seed).data.metrics["sae_eval/fvu"] < 1
+    assert {"model/model.safetensors", "model/config.json", "tokenizer/tokenizer.json", "sae/cfg.json",
+            "sae/sae_weights.safetensors", "figures/density_histogram.png"} <= artifacts(client, seed)
+    pair = children["seed0-vs-seed1"]
+    assert -1 <= pair.data.metrics["features.max_corr_median"] <= 1
+    assert REPORT_FILES <= artifacts(client, pair.info.run_id)
+
+
+@pytest.mark.slow
+def test_embedded_store_holds_parent_seed_and_pair_runs(tracked_tiny):
+    results, output = tracked_tiny
+    assert "tracking took" in output
+    client = MlflowClient(tracking.embedded_uri(results))
+    assert client.get_experiment_by_name("univ").tags["mlflow.experimentKind"] == "custom_model_development"
+    check_run_structure(client)
+    assert (results / "mlartifacts").is_dir()
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on a free loopback port with a SQLite backend in tmp_path."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_tracking_server_run_and_export(tracked_tiny, mlflow_server, tmp_path):
+    results, _ = tracked_tiny  # the stage cache is reused: only tracking runs again
+    runner = CliRunner()
+    out = runner.invoke(main, ["run", "--seeds", "2", "--preset", "tiny", "--results-dir", str(results),
+                               "--tracking-uri", mlflow_server])
+    assert out.exit_code == 0, out.output
+    check_run_structure(MlflowClient(mlflow_server))
+    exported = runner.invoke(main, ["export", "--tracking-uri", mlflow_server, "--format", "parquet",
+                                    "--out", str(tmp_path / "m.parquet")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "m.families.parquet").exists()
+
+
+def test_unreachable_server_fails_fast_before_training(tmp_path):
+    out = CliRunner().invoke(main, ["run", "--preset", "tiny", "--results-dir", str(tmp_path / "r"),
+                                    "--tracking-uri", f"http://127.0.0.1:{free_port()}"])
+    assert out.exit_code == 1
+    assert "unreachable" in out.output and len(out.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r" / "cache").exists()
+
+
+def test_interrupted_runs_are_closed_and_reruns_make_new_parents(tmp_path):
+    cfg = load_preset("tiny")
+    children = {}
+    for error, status in ((RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        with pytest.raises(type(error)):
+            with tracking.tracked_run(tmp_path, None, "univ", cfg, [0, 1]) as tracker:
+                children[status] = tracker.child("seed0", "seed")
+                raise error
+    with tracking.tracked_run(tmp_path, None, "univ", cfg, [0, 1]):
+        pass
+    client = MlflowClient(tracking.embedded_uri(tmp_path))
+    assert {status: client.get_run(run_id).info.status for status, run_id in children.items()} == {
+        "FAILED": "FAILED", "KILLED": "KILLED"}
+    assert [p.info.status for p in univ_runs(client)["experiment"]] == ["FINISHED", "KILLED", "FAILED"]
+
+
+class RecordingClient:
+    def __init__(self):
+        self.batches = []
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.batches.append((len(metrics), len(params), len(tags)))
+
+
+def test_logging_is_batched_within_mlflow_limits():
+    client = RecordingClient()
+    tracker = tracking.Tracker(client, "0", "run", Path("."))
+    metrics = tracking.metrics_from({f"m{i}": i for i in range(2500)})
+    tracker.log("run", metrics, params={f"p{i}": i for i in range(150)}, tags={"t": "x"})
+    assert client.batches == [(1000, 100, 1), (1000, 0, 0), (500, 0, 0), (0, 50, 0)]
+
+
+def test_metric_names_are_sanitized_and_non_scalars_skipped():
+    assert tracking.metric_name("features.frac_above_0.5 (x)=1") == "features.frac_above_0.5 _x__1"
+    logged = tracking.metrics_from({"a": 1, "b": [1, 2], "c": {"x": 1}, "d": float("nan"), "e": True})
+    assert [m.key for m in logged] == ["a", "d"]
