@@ -24,3 +24,17 @@ def text_corpus(tmp_path: Path) -> Path:
     for path in stdlib_files()[:40]:
         (folder / f"{path.parent.name}_{path.name}").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tracked_tiny(tmp_path_factory):
+    """One tracked ``univ run --seeds 2 --preset tiny`` (embedded MLflow store), shared by the
+    tracking, report and export tests: (results folder, the command's output)."""
+    from click.testing import CliRunner
+
+    from universality.cli import main
+
+    results = tmp_path_factory.mktemp("tracked") / "results"
+    out = CliRunner().invoke(main, ["run", "--seeds", "2", "--preset", "tiny", "--results-dir", str(results)])
+    assert out.exit_code == 0, out.output
+    return results, out.output
