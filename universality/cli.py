@@ -129,7 +129,7 @@ _TRACKING_URI = click.option("--tracking-uri", default=None, help="MLflow tracki
 @_RESULTS_DIR
 def ui(port, host, experiment, results_dir) -> None:
     """Start the MLflow UI on the results folder's store and print the experiment's URL."""
-    import subprocess
+    import os
 
     from universality import tracking
 
@@ -139,10 +139,8 @@ def ui(port, host, experiment, results_dir) -> None:
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", client.tracking_uri,
                "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port)]
     click.echo(f"MLflow UI: http://{host}:{port}/#/experiments/{exp}  (Ctrl-C stops it)")
-    try:
-        subprocess.run(command, check=False)
-    except KeyboardInterrupt:
-        pass
+    sys.stdout.flush()
+    os.execv(sys.executable, command)  # the server replaces this process: signals reach it directly
 
 
 @main.command()
