@@ -76,7 +76,7 @@ def universality_histogram(max_corr: Mapping[str, np.ndarray], title: str) -> Fi
         ax.axvline(value, color=BASIS_COLORS[basis], linestyle="--", linewidth=1,
                    label=f"paper median, {BASIS_LABELS[basis]} ({value})")
     ax.set(xlabel="max activation correlation with the other seed", ylabel="density of features", title=title, xlim=(0, 1))
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7, loc="best", framealpha=0.8)
     return render(fig, "universality.png", title)
 
 
@@ -153,7 +153,7 @@ def _headline_table(stats: Mapping[str, float]) -> str:
             ("mutual matches", stats.get("features.n_mutual"), None),
             ("median logit-weight corr, mutual matches", stats.get("features.logit_corr_median_mutual"), None),
             ("linear CKA of the MLP spaces", stats.get("cka"), None)]
-    fmt = lambda v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) and not v.is_integer() else f"{v:g}")  # noqa: E731
     body = "".join(f"<tr><td>{label}</td><td>{fmt(ours)}</td><td>{fmt(paper)}</td></tr>" for label, ours, paper in rows)
     return f"<table><tr><th>statistic</th><th>this run</th><th>paper (A/1 vs B/1)</th></tr>{body}</table>"
 
