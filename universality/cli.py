@@ -7,18 +7,19 @@ from pathlib import Path
 
 import click
 
+from universality.cache import STAGES
 from universality.config import DEFAULT_PRESET, preset_names
-from universality.errors import UnivError
+from universality.errors import UnivError, from_os_error
 
 
 class Group(click.Group):
-    """Turns a ``UnivError`` from any command into one line on stderr and exit status 1."""
+    """Turns a ``UnivError`` (or a file-system ``OSError``) from any command into one line on stderr and exit status 1."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except UnivError as exc:
-            click.echo(f"Error: {exc}", err=True)
+        except (UnivError, OSError) as exc:
+            click.echo(f"Error: {from_os_error(exc) if isinstance(exc, OSError) else exc}", err=True)
             sys.exit(1)
 
 
@@ -50,21 +51,29 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else SQLite in the results folder).")
 @click.option("--experiment", default="univ", show_default=True, help="MLflow experiment name.")
-def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment) -> None:
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Seeds trained at once (worker processes). Default: min(runs, CPU cores).")
+@click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
+              help="loky: worker processes here; dask: a Dask cluster (results dir on a shared filesystem).")
+@click.option("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT (with --backend dask).")
+def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
+        jobs, backend, scheduler) -> None:
     """Train one transformer per seed, fit an SAE on each, and compare every pair."""
     from universality import pipeline, tracking
     from universality.config import load_config, load_preset
+    from universality.orchestration import Engine
 
     if seeds is not None and seed_list is not None:
         raise click.UsageError("give --seeds or --seed-list, not both")
     chosen = seed_list if seed_list is not None else list(range(seeds if seeds is not None else 2))
+    engine = Engine(jobs, backend, scheduler)
     cfg = load_preset(preset)
     if config_file is not None:
         cfg = load_config(config_file, base=cfg)
     if corpus is not None:
         cfg = cfg.replace(data={"corpus": corpus})
     with tracking.tracked_run(results_dir, tracking_uri, experiment, cfg, chosen) as tracker:
-        result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device)
+        result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device, engine=engine)
         tracker.log_result(result)
     click.echo(pipeline.describe(result))
     click.echo(f"MLflow run {tracker.run_id} in {tracker.client.tracking_uri} (tracking took {tracker.seconds:.1f} s)")

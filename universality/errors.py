@@ -15,3 +15,9 @@ class DataError(UnivError):
 
 class TrainingDiverged(UnivError):
     """A training loss became NaN or infinite."""
+
+
+def from_os_error(exc: OSError) -> UnivError:
+    """A file-system failure (full disk, unwritable or misplaced folder) as one line naming the path."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return UnivError(f"cannot write results: {exc.strerror or exc}{where}")

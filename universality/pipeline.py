@@ -35,7 +35,7 @@ from universality.across_seeds import feature_families, partner_counts, summariz
 from universality.atomic import atomic_path, write_text
 from universality.config import ExperimentConfig
 from universality.corpus import load_corpus
-from universality.errors import UnivError
+from universality.errors import UnivError, from_os_error
 from universality.orchestration import Engine, spread_devices
 from universality.pairs import PairResult, compare_runs, feature_logit_weights, load_pair, save_pair
 from universality.tokenization import encode_documents, load_tokenizer, shuffled_documents, split_tokens, train_tokenizer
@@ -444,7 +444,7 @@ def _disk_errors() -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise UnivError(f"cannot write results: {exc.strerror or exc} ({exc.filename or 'results folder'})") from None
+        raise from_os_error(exc) from None
 
 
 def describe(result: RunResult) -> str:
