@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
@@ -16,6 +19,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         yield tmp
         os.replace(tmp, final)
