@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +32,8 @@ LOCK = ".lock"
 SCRATCH = "resume"  # a stage's resumable training checkpoints: not part of its output
 STAGES = ("data", "model", "sae", "activations", "pair")
 _HASH_CHUNK = 1 << 22
+_verified: dict[Path, tuple] = {}  # stage folder -> stat signature of its files when their hashes last matched
+_locked_at: dict[Path, float] = {}  # stage folder -> when this process took its lock (build time in done.json)
 
 
 def stage_key(stage: str, version: int, **inputs: Any) -> str:
@@ -84,15 +87,32 @@ def _intact(directory: Path, files: dict[str, dict[str, Any]], hashes: bool) -> 
     return True
 
 
+def _signature(directory: Path, names: list[str]) -> tuple | None:
+    try:
+        return tuple((name, (directory / name).stat().st_size, (directory / name).stat().st_mtime_ns) for name in names)
+    except OSError:
+        return None
+
+
 def is_complete(directory: Path) -> bool:
-    """Whether the stage finished and its files are intact (sizes and sha256 as recorded)."""
+    """Whether the stage finished and its files are intact (sizes and sha256 as recorded). Files
+    hashed once in this process are not hashed again while their size and mtime stay the same."""
     done = _read_done(directory)
-    return done is not None and _intact(directory, done["files"], hashes=True)
+    if done is None:
+        return False
+    signature = _signature(directory, [DONE, *done["files"]])
+    if signature is not None and _verified.get(directory) == signature:
+        return True
+    intact = signature is not None and _intact(directory, done["files"], hashes=True)
+    if intact:
+        _verified[directory] = signature
+    return intact
 
 
 def mark_complete(directory: Path, summary: dict[str, Any], label: str = "") -> None:
-    """Record the stage's summary, a one-line description and its files' checksums; written last."""
-    done = {"label": label, "summary": summary, "files": manifest(directory)}
+    """Record the stage's summary, a one-line description, its build time and its files' checksums; written last."""
+    seconds = time.perf_counter() - _locked_at.get(directory, time.perf_counter())
+    done = {"label": label, "seconds": round(seconds, 3), "summary": summary, "files": manifest(directory)}
     write_text(directory / DONE, json.dumps(done, indent=1, default=str))
 
 
@@ -106,9 +126,11 @@ def lock(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / LOCK, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        _locked_at[directory] = time.perf_counter()
         try:
             yield
         finally:
+            _locked_at.pop(directory, None)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
@@ -121,6 +143,7 @@ class Entry:
     size: int  # bytes, scratch included
     state: str  # "complete" | "damaged" (files changed since) | "partial" (never finished)
     label: str  # what it is: "transformer seed0", "SAE of seed1", ...
+    seconds: float  # how long building it took (0 when unknown)
 
 
 def entries(results_dir: Path, stage: str | None = None) -> list[Entry]:
@@ -133,7 +156,8 @@ def entries(results_dir: Path, stage: str | None = None) -> list[Entry]:
         done = _read_done(directory)
         state = "partial" if done is None else "complete" if _intact(directory, done["files"], hashes=False) else "damaged"
         size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-        found.append(Entry(directory.parent.name, directory.name, size, state, (done or {}).get("label", "")))
+        done = done or {}
+        found.append(Entry(directory.parent.name, directory.name, size, state, done.get("label", ""), done.get("seconds", 0.0)))
     return found
 
 

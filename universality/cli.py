@@ -213,7 +213,7 @@ def cache_ls(results_dir, stage) -> None:
 
     entries = stage_cache.entries(results_dir, stage)
     for e in entries:
-        click.echo(f"{e.stage:<12} {e.key}  {e.size / 2**20:9.1f} MiB  {e.state:<8}  {e.label}")
+        click.echo(f"{e.stage:<12} {e.key}  {e.size / 2**20:9.1f} MiB  {e.seconds:8.1f} s  {e.state:<8}  {e.label}")
     click.echo(f"{len(entries)} entries, {sum(e.size for e in entries) / 2**20:.1f} MiB in {Path(results_dir) / 'cache'}")
 
 
