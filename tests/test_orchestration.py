@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fast_pipeline import fast_cfg, run_fast, stage_checksums
+from fast_pipeline import run_fast, stage_checksums
 
 from universality.errors import ConfigError
 from universality.orchestration import Engine, spread_devices
