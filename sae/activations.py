@@ -22,8 +22,9 @@ _CHECK_ROWS = 65_536  # rows per chunk when scanning a .npy file for NaN/inf
 def model_activations(
     model: torch.nn.Module, tokens: np.ndarray, ctx_len: int, batch_seqs: int, device: str | torch.device, seed: int,
 ) -> Iterator[Tensor]:
-    """MLP neuron activations [batch_seqs · ctx_len, d_mlp] (float32, on CPU) of ``model`` on random
-    contexts of the 1-D token stream ``tokens``, forever."""
+    """MLP neuron activations [batch_seqs · ctx_len, d_mlp] (float32) of ``model`` on random contexts
+    of the 1-D token stream ``tokens``, forever. They stay on the model's device: a GPU run never
+    copies them to the host."""
     if tokens.ndim != 1 or len(tokens) < ctx_len:
         raise DataError(f"need a 1-D token stream of at least {ctx_len} tokens, got shape {tokens.shape}")
     rng = np.random.default_rng(seed)
@@ -35,7 +36,7 @@ def model_activations(
             starts_B = rng.integers(0, len(tokens) - ctx_len + 1, size=batch_seqs)
             batch_BT = torch.from_numpy(np.asarray(tokens[starts_B[:, None] + offsets_T], dtype=np.int64))
             acts_BTM = model(batch_BT.to(device), return_mlp=True).mlp_acts
-            yield acts_BTM.reshape(-1, acts_BTM.shape[-1]).float().cpu()
+            yield acts_BTM.reshape(-1, acts_BTM.shape[-1]).float()
     finally:
         model.train(was_training)
 
@@ -84,7 +85,7 @@ def shuffled_batches(
         buffer = chunk if buffer.numel() == 0 else torch.cat([buffer, chunk])
         if len(buffer) < max(buffer_size, 2 * batch_size):
             continue
-        buffer = buffer[torch.randperm(len(buffer), generator=generator)]
+        buffer = buffer[torch.randperm(len(buffer), generator=generator).to(buffer.device)]
         n_out = (len(buffer) // 2) // batch_size * batch_size
         yield from buffer[:n_out].split(batch_size)
         buffer = buffer[n_out:]
