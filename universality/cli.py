@@ -23,6 +23,13 @@ class Group(click.Group):
             sys.exit(1)
 
 
+RESULTS_DIR = click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
+                           help="Results folder: stage cache, and the embedded MLflow store unless a tracking URI is given.")
+TRACKING_URI = click.option("--tracking-uri", default=None,
+                            help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else SQLite in the results folder).")
+DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="univ")
 def main() -> None:
@@ -47,9 +54,9 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--preset", type=click.Choice(preset_names()), default=DEFAULT_PRESET, show_default=True)
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML/JSON config laid over the preset.")
 @click.option("--corpus", default=None, help="'stdlib', a text file or folder, or hf:NAME[:SPLIT].")
-@click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else SQLite in the results folder).")
+@RESULTS_DIR
+@DEVICE
+@TRACKING_URI
 @click.option("--experiment", default="univ", show_default=True, help="MLflow experiment name.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Seeds trained at once (worker processes). Default: min(runs, CPU cores).")
@@ -113,7 +120,7 @@ def match(acts_a, acts_b, out, threshold, min_firings) -> None:
 @click.option("--batch-size", type=int, default=None, help="Activations per step. Default 4096.")
 @click.option("--lr", type=float, default=None, help="Adam learning rate. Default 1e-3.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@DEVICE
 def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, lr, seed, device) -> None:
     """Train an SAE on ACTS, a .npy array (rows x dims) of activations, and save it with its metrics."""
     from sae.api import train_sae_on_npy
@@ -125,17 +132,11 @@ def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, 
                f"dead {metrics['dead_fraction']:.1%} on {metrics['heldout_rows']} held-out rows")
 
 
-_RESULTS_DIR = click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
-                            help="Results folder whose embedded MLflow store is used when no tracking URI is given.")
-_TRACKING_URI = click.option("--tracking-uri", default=None, help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, "
-                             "else SQLite in the results folder).")
-
-
 @main.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
 @click.option("--experiment", default="univ", show_default=True, help="Experiment whose URL is printed.")
-@_RESULTS_DIR
+@RESULTS_DIR
 def ui(port, host, experiment, results_dir) -> None:
     """Start the MLflow UI on the results folder's store and print the experiment's URL."""
     import os
@@ -157,8 +158,8 @@ def ui(port, host, experiment, results_dir) -> None:
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default="csv", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Matched feature table; the families table is written beside it (OUT with .families before the suffix).")
-@_RESULTS_DIR
-@_TRACKING_URI
+@RESULTS_DIR
+@TRACKING_URI
 def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
     """Export a univ run's matched feature table and families (RUN: an MLflow run id or 'latest')."""
     from universality import export as export_tables
@@ -177,8 +178,8 @@ def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
 @click.argument("run_id", metavar="RUN")
 @click.argument("seed", type=click.IntRange(min=0))
 @click.argument("feature", type=click.IntRange(min=0))
-@_RESULTS_DIR
-@_TRACKING_URI
+@RESULTS_DIR
+@TRACKING_URI
 def features(run_id, seed, feature, results_dir, tracking_uri) -> None:
     """Show one SAE feature of a univ run (RUN: run id or 'latest'): density, top contexts, logit effects, partners."""
     from universality import tracking
@@ -201,11 +202,10 @@ def cache() -> None:
 
 _STAGE = click.option("--stage", type=click.Choice(STAGES), default=None,
                       help="Only this stage.")
-_RESULTS = click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
 
 
 @cache.command("ls")
-@_RESULTS
+@RESULTS_DIR
 @_STAGE
 def cache_ls(results_dir, stage) -> None:
     """List cached stage outputs: stage, key, size, state and what each is."""
@@ -218,7 +218,7 @@ def cache_ls(results_dir, stage) -> None:
 
 
 @cache.command("clear")
-@_RESULTS
+@RESULTS_DIR
 @_STAGE
 def cache_clear(results_dir, stage) -> None:
     """Remove cached stage outputs (all, or one stage's): the next run recomputes them."""

@@ -42,7 +42,7 @@ import pandas as pd
 from universality.across_seeds import feature_families
 from universality.atomic import atomic_path
 from universality.errors import UnivError
-from universality.feature_cards import RunSources, load_run_sources, vocab_strings
+from universality.feature_cards import RunSources, run_sources_of, vocab_strings
 from universality.matching import NO_PARTNER, Matching
 from universality.pairs import PairResult
 from universality.similarity import logit_weight_similarity
@@ -145,21 +145,16 @@ def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources]
 
 
 def run_sources(result) -> dict[str, RunSources]:
-    """Sources of every seed of a finished ``pipeline.RunResult`` (activations come from the cache)."""
-    from universality import pipeline
-
+    """Sources of every seed that belongs to a pair in a finished ``pipeline.RunResult``."""
     cfg, dataset = result.cfg, result.dataset
     vocab = vocab_strings(dataset.tokenizer())
-    results_dir = dataset.directory.parent.parent.parent
-    sources = {}
-    for p in result.pairs:
-        for name in (p.run_a, p.run_b):
-            model, sae = result.models[name], result.saes[name]
-            acts = pipeline.record_activations(dataset, model, sae, cfg, "cpu", results_dir)
-            sources[name] = load_run_sources(model.seed, dataset.directory, model.directory, sae.directory,
-                                             acts.directory, cfg.data.ctx_len, cfg.compare.tokens,
-                                             cfg.compare.context_tokens, vocab)
-    return sources
+    names = dict.fromkeys(name for p in result.pairs for name in (p.run_a, p.run_b))
+    return {
+        name: run_sources_of(result.models[name].seed, result.models[name].model, result.saes[name].sae,
+                             result.activations[name], dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens,
+                             cfg.compare.context_tokens, vocab)
+        for name in names
+    }
 
 
 def families_path(path: Path) -> Path:

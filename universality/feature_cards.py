@@ -85,22 +85,30 @@ def load_run_sources(seed: int, data_dir: Path, model_dir: Path, sae_dir: Path, 
                      ctx_len: int, compare_tokens: int, context: int, vocab: list[str]) -> RunSources:
     """A seed's sources from its stage folders (the ones a univ run records on its MLflow runs)."""
     from sae.checkpoint import load_sae
-    from universality.activations import HeldoutActivations, eval_contexts
-    from universality.pairs import feature_logit_weights
+    from universality.activations import HeldoutActivations
     from universality.pipeline import load_run_model
 
     model = load_run_model(Path(model_dir), f"seed{seed}", seed, Path(model_dir).name, "cpu").model
-    acts = HeldoutActivations(Path(acts_dir))
+    heldout = np.load(Path(data_dir) / "heldout.npy", mmap_mode="r")
+    return run_sources_of(seed, model, load_sae(Path(sae_dir), "cpu"), HeldoutActivations(Path(acts_dir)),
+                          heldout, ctx_len, compare_tokens, context, vocab)
+
+
+def run_sources_of(seed: int, model, sae, acts, heldout: np.ndarray, ctx_len: int, compare_tokens: int,
+                   context: int, vocab: list[str]) -> RunSources:
+    """A seed's sources from its model, SAE and held-out activations (already loaded)."""
+    from universality.activations import eval_contexts
+    from universality.pairs import feature_logit_weights
+
     features = acts.features()
     top_values, top_positions = acts.top_examples()
-    heldout = np.load(Path(data_dir) / "heldout.npy", mmap_mode="r")
     return RunSources(
         seed=seed,
         tokens=eval_contexts(heldout, ctx_len, compare_tokens).flatten().numpy(),
         vocab=vocab,
         top_values=top_values,
         top_positions=top_positions,
-        logit_weights=feature_logit_weights(model, load_sae(Path(sae_dir), "cpu")),
+        logit_weights=feature_logit_weights(model, sae),
         densities=features.getnnz(axis=0) / features.shape[0],
         context=context,
     )

@@ -42,6 +42,7 @@ class PairResult:
     matching: Matching  # of the SAE features
     max_corr: dict[str, np.ndarray]  # basis -> [F_A] max correlation with B (NaN where excluded)
     top_block: np.ndarray  # [k, k] correlations of A's top matched features with their partners
+    directory: Path | None = None  # the cached comparison's folder, once saved
 
 
 @torch.no_grad()
@@ -113,4 +114,4 @@ def load_pair(directory: Path) -> PairResult:
         max_corr = {basis: arrays[f"max_corr_{basis}"] for basis in BASES}
         top_block = arrays["top_block"]
     table = pd.read_parquet(directory / "table.parquet")
-    return PairResult(meta["run_a"], meta["run_b"], meta["stats"], table, matching, max_corr, top_block)
+    return PairResult(meta["run_a"], meta["run_b"], meta["stats"], table, matching, max_corr, top_block, directory)

@@ -103,6 +103,7 @@ class RunResult:
     dataset: Dataset
     models: dict[str, RunModel]
     saes: dict[str, RunSAE]
+    activations: dict[str, activations.HeldoutActivations]  # each run's, on the comparison tokens
     pairs: list[PairResult]  # every pair of seeds
     randomized: PairResult | None  # the two weight-shuffled controls, when enabled
     summary: dict[str, float]  # statistics over all pairs (mean, std, CI), families
@@ -423,7 +424,8 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
     pairs, randomized = (compared[:-1], compared[-1]) if shuffled_names else (compared, None)
     models = {name: model for name, (model, _, _) in runs.items()}
     saes = {name: sae for name, (_, sae, _) in runs.items()}
-    return RunResult(cfg, dataset, models, saes, pairs, randomized, summarize(pairs, randomized, seed_names, cfg))
+    acts = {name: run_acts for name, (_, _, run_acts) in runs.items()}
+    return RunResult(cfg, dataset, models, saes, acts, pairs, randomized, summarize(pairs, randomized, seed_names, cfg))
 
 
 def run_tasks(cfg: ExperimentConfig, dataset: Dataset, seeds: list[int], device: str, results_dir: Path,

@@ -189,7 +189,7 @@ class Tracker:
         kind = "seed" if name.startswith("seed") else "control-model"
         run_id = self.child(name, kind, {"univ.run_name": name, "univ.seed": str(model.seed),
                                          "univ.model_dir": str(model.directory), "univ.sae_dir": str(sae.directory),
-                                         "univ.activations_dir": str(_activations_dir(result, name))})
+                                         "univ.activations_dir": str(result.activations[name].directory)})
         sae_final = {k: v for k, v in sae.metrics.items() if k not in ("densities", "log10_density_hist")}
         self.log(run_id, [*curves(model.history, "transformer/", model.metrics and
                                   {k: model.metrics[k] for k in ("unigram_ce", "bigram_ce")}),
@@ -223,15 +223,6 @@ class Tracker:
 
 def _pair_name(pair) -> str:
     return f"{pair.run_a}-vs-{pair.run_b}"
-
-
-def _activations_dir(result, name: str) -> Path:
-    """The run's held-out activations folder (already recorded: this only finds it in the cache)."""
-    from universality import pipeline
-
-    model, sae = result.models[name], result.saes[name]
-    results_dir = result.dataset.directory.parent.parent.parent
-    return pipeline.record_activations(result.dataset, model, sae, result.cfg, "cpu", results_dir).directory
 
 
 def _log_dataset(client: MlflowClient, run_id: str, source: str, fingerprint: str) -> None:
