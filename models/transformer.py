@@ -102,10 +102,12 @@ class OneLayerTransformer(nn.Module):
         return ForwardOutput(logits_BTV, acts_BTM if return_mlp else None)
 
     def neuron_logit_weights(self) -> torch.Tensor:
-        """Direct effect of each neuron on the logits [M, V]: W_out then W_U, through the final
-        LayerNorm's affine part (the paper's LayerNorm approximation: scale treated as constant)."""
-        ln = self.ln_final
-        return (self.mlp.W_out.weight.T * ln.weight) @ self.W_U.weight.T
+        """Direct effect of each neuron on the logits [M, V]: W_out, then the final LayerNorm's
+        linear part (centring over d_model and its gain; the 1/std treated as constant: the paper's
+        LayerNorm approximation), then W_U."""
+        W_out_DM = self.mlp.W_out.weight
+        centred_DM = W_out_DM - W_out_DM.mean(dim=0, keepdim=True)
+        return (centred_DM.T * self.ln_final.weight) @ self.W_U.weight.T
 
 
 def _init_weights(module: nn.Module) -> None:

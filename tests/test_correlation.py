@@ -116,3 +116,15 @@ def test_bad_input_is_a_data_error():
     acc.update(np.zeros((5, 3)), np.zeros((5, 2)))
     with pytest.raises(DataError, match="features"):
         acc.update(np.zeros((5, 4)), np.zeros((5, 2)))
+
+
+def test_signed_features_that_never_exceed_zero_are_alive_and_correlated():
+    """Rotated or GELU neurons are signed: a feature that varies below zero is not dead."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(500, 4))
+    b = np.column_stack([-np.abs(a[:, 0]) - 1.0, a[:, 1:]])  # column 0 is always negative
+    acc = StreamingCorrelation()
+    for start in range(0, 500, 128):
+        acc.update(a[start : start + 128], b[start : start + 128])
+    assert not acc.dead_b.any() and acc.counts_b[0] == 500
+    np.testing.assert_allclose(acc.correlation(), pearson_reference(a, b), atol=1e-5)

@@ -115,7 +115,8 @@ def _add_cross(cross_AB: np.ndarray, a: np.ndarray | sp.csr_matrix, b: np.ndarra
 
 @dataclass
 class _Moments:
-    """Per-feature running count of firings (> 0), sum and sum of squares, in float64."""
+    """Per-feature running count of firings (nonzero: for ReLU and SAE features, > 0; signed bases
+    such as rotated or GELU neurons count every nonzero value), sum and sum of squares, in float64."""
 
     n_features: int
     fired: np.ndarray = field(init=False)
@@ -130,11 +131,11 @@ class _Moments:
     def update(self, chunk: np.ndarray | sp.csr_matrix) -> None:
         if sp.issparse(chunk):
             cols, vals, F = chunk.indices, chunk.data, self.n_features
-            self.fired += np.bincount(cols[vals > 0], minlength=F)
+            self.fired += np.bincount(cols[vals != 0], minlength=F)
             self.total += np.bincount(cols, weights=vals, minlength=F)
             self.total_sq += np.bincount(cols, weights=vals * vals, minlength=F)
         else:
-            self.fired += np.count_nonzero(chunk > 0, axis=0)
+            self.fired += np.count_nonzero(chunk, axis=0)
             self.total += chunk.sum(axis=0)
             self.total_sq += np.einsum("nf,nf->f", chunk, chunk)
 

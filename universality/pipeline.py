@@ -31,12 +31,12 @@ from sae.checkpoint import load_sae, save_sae
 from sae.evaluation import evaluate_sae, loss_recovered
 from sae.training import train_sae
 from universality import activations, cache
-from universality.across_seeds import feature_families, partner_counts, summarize_pairs
+from universality.across_seeds import FAMILY_MIN_CORR, feature_families, included_features, partner_counts, summarize_pairs
 from universality.atomic import atomic_path, write_text
 from universality.config import ExperimentConfig
 from universality.corpus import load_corpus
 from universality.errors import UnivError, from_os_error
-from universality.orchestration import Engine, spread_devices
+from universality.orchestration import Engine, resolve_device, spread_devices
 from universality.pairs import PairResult, compare_runs, feature_logit_weights, load_pair, save_pair
 from universality.tokenization import encode_documents, load_tokenizer, shuffled_documents, split_tokens, train_tokenizer
 
@@ -44,7 +44,7 @@ DATA_VERSION = 1
 MODEL_VERSION = 2  # 2: LayerNorm with thread-count-independent gradients
 SAE_VERSION = 1
 ACTIVATIONS_VERSION = 2
-PAIR_VERSION = 1
+PAIR_VERSION = 2  # 2: logit weights through the final LayerNorm's centring; signed features fire when nonzero
 SAE_EVAL_BATCH_CONTEXTS = 32
 
 
@@ -107,14 +107,6 @@ class RunResult:
     pairs: list[PairResult]  # every pair of seeds
     randomized: PairResult | None  # the two weight-shuffled controls, when enabled
     summary: dict[str, float]  # statistics over all pairs (mean, std, CI), families
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UnivError("--device cuda asked for, but torch sees no CUDA device")
-    return device
 
 
 def prepare_data(cfg: ExperimentConfig, results_dir: Path) -> Dataset:
@@ -379,15 +371,17 @@ def summarize(pairs: list[PairResult], randomized: PairResult | None, names: lis
     index = {name: i for i, name in enumerate(names)}
     matchings = {(index[p.run_a], index[p.run_b]): p.matching for p in pairs}
     if matchings:
-        families = feature_families(matchings, min_corr=0.5)
+        families = feature_families(matchings, min_corr=FAMILY_MIN_CORR)
         multi = families.n_runs > 1
         summary.update({
             "families.n_multi_run": int(multi.sum()),
             "families.n_all_runs": int((families.n_runs == len(names)).sum()),
             "families.mean_size_multi_run": float(families.size[multi].mean()) if multi.any() else 0.0,
         })
-        for run, counts in partner_counts(matchings, threshold=0.5).items():
-            summary[f"{names[run]}.frac_features_partnered_all_runs"] = float((counts == len(names) - 1).mean())
+        included = included_features(matchings)
+        for run, counts in partner_counts(matchings, threshold=FAMILY_MIN_CORR).items():
+            partnered_everywhere = counts[included[run]] == len(names) - 1
+            summary[f"{names[run]}.frac_features_partnered_all_runs"] = float(partnered_everywhere.mean())
     if randomized is not None:
         for key, value in randomized.stats.items():
             summary[f"randomized.{key}"] = value
