@@ -60,6 +60,12 @@ def test_bad_options_are_usage_errors(tmp_path, args, message):
     ("[train\nsteps = 3", "malformed config"),
     ("[train]\nsteps = -1", "train.steps"),
     ("[nope]\nx = 1", "unknown config section"),
+    ("[model]\nn_heads = 0", "model dimensions must be positive"),
+    ("[model]\nn_heads = 'four'", "bad value in [model]"),
+    ("[train]\neval_every = 0", "train.eval_every"),
+    ("[sae]\nresample_inputs = 0", "sae.resample_inputs"),
+    ("[sae]\nresample_fractions = [0.5, 1.5]", "sae.resample_fractions"),
+    ("[compare]\nn_bootstrap = 0", "compare.n_bootstrap"),
 ])
 def test_malformed_config_is_one_line_error(tmp_path, text, message):
     config = tmp_path / "bad.toml"

@@ -53,8 +53,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require(self.act_fn in ("relu", "gelu"), f"model.act_fn must be 'relu' or 'gelu', not {self.act_fn!r}")
+        _require(self.d_mlp >= 1 and self.d_model >= 1 and self.n_heads >= 1, "model dimensions must be positive")
         _require(self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads")
-        _require(self.d_mlp >= 1 and self.d_model >= 1, "model dimensions must be positive")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "train.steps must be >= 1")
+        _require(min(self.eval_every, self.eval_batches, self.checkpoint_every) >= 1,
+                 "train.eval_every, train.eval_batches and train.checkpoint_every must be >= 1")
         _require(self.batch_size >= 1, "train.batch_size must be >= 1")
         _require(self.lr > 0, "train.lr must be > 0")
         _require(0 <= self.warmup_steps <= self.steps, "train.warmup_steps must be within [0, train.steps]")
@@ -102,6 +104,9 @@ class SAEConfig:
         _require(self.l1_coeff >= 0, "sae.l1_coeff must be >= 0")
         _require(self.lr > 0, "sae.lr must be > 0")
         _require(self.batch_size >= 1 and self.samples >= self.batch_size, "sae.samples must be >= sae.batch_size")
+        _require(self.resample_inputs >= 1 and self.buffer_size >= 1, "sae.resample_inputs and sae.buffer_size must be >= 1")
+        _require(all(0 < f < 1 for f in self.resample_fractions), "sae.resample_fractions must lie in (0, 1)")
+        _require(0 < self.dead_window_fraction <= 1, "sae.dead_window_fraction must lie in (0, 1]")
         object.__setattr__(self, "resample_fractions", tuple(self.resample_fractions))
 
 
@@ -119,6 +124,9 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         _require(self.tokens >= 1, "compare.tokens must be >= 1")
+        _require(min(self.min_firings, self.n_bootstrap, self.top_k_examples) >= 1,
+                 "compare.min_firings, compare.n_bootstrap and compare.top_k_examples must be >= 1")
+        _require(self.context_tokens >= 0, "compare.context_tokens must be >= 0")
         _require(all(0 < t < 1 for t in self.thresholds), "compare.thresholds must lie in (0, 1)")
         object.__setattr__(self, "thresholds", tuple(self.thresholds))
 
