@@ -47,6 +47,8 @@ def load_npy_activations(path: str | Path, min_rows: int = 1) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read activations {path}: {exc}") from None
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"activations {path} must be a .npy array (rows x dims), not a .npz archive")
     if array.ndim != 2 or array.shape[1] < 1:
         raise DataError(f"activations {path} must be a 2-D (rows x dims) array, got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
@@ -80,12 +82,15 @@ def shuffled_batches(
     Fill the buffer from ``source``, shuffle it, yield batches from its first half and keep the
     second half to mix with fresh rows: consecutive batches then rarely share a context.
     """
-    buffer = torch.empty(0)
+    pieces: list[Tensor] = []  # the kept half, then fresh chunks: joined once the buffer is full
+    n_rows = 0
     for chunk in source:
-        buffer = chunk if buffer.numel() == 0 else torch.cat([buffer, chunk])
-        if len(buffer) < max(buffer_size, 2 * batch_size):
+        pieces.append(chunk)
+        n_rows += len(chunk)
+        if n_rows < max(buffer_size, 2 * batch_size):
             continue
+        buffer = torch.cat(pieces)
         buffer = buffer[torch.randperm(len(buffer), generator=generator).to(buffer.device)]
         n_out = (len(buffer) // 2) // batch_size * batch_size
         yield from buffer[:n_out].split(batch_size)
-        buffer = buffer[n_out:]
+        pieces, n_rows = [buffer[n_out:]], len(buffer) - n_out

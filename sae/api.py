@@ -14,6 +14,7 @@ from sae.checkpoint import save_sae
 from sae.evaluation import evaluate_sae
 from sae.training import train_sae
 from universality.config import SAEConfig
+from universality.orchestration import resolve_device
 
 HELDOUT_FRACTION = 0.1  # tail of the rows kept out of training, for the metrics
 MAX_HELDOUT_ROWS = 100_000
@@ -24,10 +25,6 @@ def default_l1_coeff(d_in: int) -> float:
     """The paper's λ carried over to ``d_in`` dims: with E[||x||²] = d_in, a feature of size a pays
     λ·a against an MSE gain a²/d_in, so keeping λ·√d_in fixed keeps the same cut-off relative to ||x||."""
     return SAEConfig.l1_coeff * math.sqrt(PAPER_D_IN / d_in)
-
-
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def train_sae_on_npy(

@@ -18,6 +18,6 @@ class TrainingDiverged(UnivError):
 
 
 def from_os_error(exc: OSError) -> UnivError:
-    """A file-system failure (full disk, unwritable or misplaced folder) as one line naming the path."""
-    where = f" ({exc.filename})" if exc.filename else ""
-    return UnivError(f"cannot write results: {exc.strerror or exc}{where}")
+    """A file-system failure (full disk, unwritable, missing or misplaced file) as one line naming the path."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return UnivError(f"file system error, {exc.strerror or exc}{where}")

@@ -100,6 +100,15 @@ def _dask_threads(client) -> int:
     return min((max(1, cpus[a] // per_host[a.rsplit(":", 1)[0]]) for a in cpus), default=1)
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> CUDA when torch sees it, else CPU; "cuda" without a CUDA device is a user error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UnivError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
 def spread_devices(device: str, n_tasks: int) -> list[str]:
     """One device per task: ``cuda:i`` round-robin over the visible GPUs, else ``device`` for all."""
     n_gpus = torch.cuda.device_count() if device == "cuda" else 0
