@@ -18,6 +18,7 @@ from scipy.sparse.csgraph import connected_components
 from universality.matching import Matching
 
 RunPair = tuple[int, int]
+FAMILY_MIN_CORR = 0.5  # mutual matches above this correlation link features into a family
 
 
 def _n_features(matchings: Mapping[RunPair, Matching]) -> dict[int, int]:
@@ -28,6 +29,15 @@ def _n_features(matchings: Mapping[RunPair, Matching]) -> dict[int, int]:
             if sizes.setdefault(run, size) != size:
                 raise ValueError(f"run {run} has {size} features in pair {(i, j)} but {sizes[run]} in another")
     return sizes
+
+
+def included_features(matchings: Mapping[RunPair, Matching]) -> dict[int, np.ndarray]:
+    """Per run, [F] bool: features that take part in matching (not dead, not too rare to correlate).
+    An excluded feature has a NaN max correlation in every pair, so any pair tells."""
+    included = {}
+    for (i, j), m in matchings.items():
+        included[i], included[j] = ~np.isnan(m.best_b_corr), ~np.isnan(m.best_a_corr)
+    return included
 
 
 def partner_counts(matchings: Mapping[RunPair, Matching], threshold: float) -> dict[int, np.ndarray]:

@@ -53,11 +53,11 @@ class StreamingTopK:
         self.rows_seen = 0
 
     def update(self, chunk_NF: torch.Tensor) -> None:
-        n = chunk_NF.shape[0]
-        rows = torch.arange(self.rows_seen, self.rows_seen + n).unsqueeze(1).expand(n, chunk_NF.shape[1])
-        values = torch.cat([self.values, chunk_NF.float()])
-        positions = torch.cat([self.positions, rows])
-        self.values, order = values.topk(self.values.shape[0], dim=0)
+        k, n = self.values.shape[0], chunk_NF.shape[0]
+        chunk_values, chunk_rows = chunk_NF.float().topk(min(k, n), dim=0)  # only a chunk's top k can enter
+        values = torch.cat([self.values, chunk_values])
+        positions = torch.cat([self.positions, chunk_rows + self.rows_seen])
+        self.values, order = values.topk(k, dim=0)
         self.positions = positions.gather(0, order)
         self.rows_seen += n
 

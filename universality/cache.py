@@ -114,6 +114,7 @@ def mark_complete(directory: Path, summary: dict[str, Any], label: str = "") -> 
     seconds = time.perf_counter() - _locked_at.get(directory, time.perf_counter())
     done = {"label": label, "seconds": round(seconds, 3), "summary": summary, "files": manifest(directory)}
     write_text(directory / DONE, json.dumps(done, indent=1, default=str))
+    _verified[directory] = _signature(directory, [DONE, *done["files"]])  # just hashed: no need to again
 
 
 def read_summary(directory: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,11 @@ def load_corpus(source: str) -> Corpus:
 
 def stdlib_files() -> list[Path]:
     """The standard library's .py files (not site-packages), sorted for a deterministic order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    files = []
+    for folder, subfolders, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "dist-packages")]  # never entered
+        files += [Path(folder) / n for n in names if n.endswith(".py")]
+    return sorted(files)
 
 
 def _fingerprint(documents: tuple[str, ...]) -> str:

@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from universality.across_seeds import feature_families
+from universality.across_seeds import FAMILY_MIN_CORR, feature_families
 from universality.atomic import atomic_path
 from universality.errors import UnivError
 from universality.feature_cards import RunSources, run_sources_of, vocab_strings
@@ -47,7 +47,6 @@ from universality.matching import NO_PARTNER, Matching
 from universality.pairs import PairResult
 from universality.similarity import logit_weight_similarity
 
-FAMILY_MIN_CORR = 0.5  # the pipeline's summary uses the same threshold
 FORMATS = ("csv", "parquet", "json")
 
 MATCHED_COLUMNS: dict[str, str] = {
@@ -130,7 +129,11 @@ def family_ids(pairs: Sequence[PairResult], seed_of: Mapping[str, int]) -> tuple
 
 
 def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(matched features, families) of every pair of seeds; ``sources`` is keyed by run name."""
+    """(matched features, families) of every pair of seeds; ``sources`` is keyed by run name.
+    A single-seed run has no pairs: both tables are then empty, with their columns and dtypes."""
+    if not pairs:
+        return (_typed(pd.DataFrame({c: [] for c in MATCHED_COLUMNS}), MATCHED_COLUMNS),
+                _typed(pd.DataFrame({c: [] for c in FAMILY_COLUMNS}), FAMILY_COLUMNS))
     seed_of = {name: s.seed for name, s in sources.items()}
     families, family_table = family_ids(pairs, seed_of)
     top = {name: s.top_tokens() for name, s in sources.items()}
@@ -139,7 +142,7 @@ def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources]
         a, b = sources[p.run_a], sources[p.run_b]
         frames.append(_direction(p.matching, a, b, top[p.run_a], top[p.run_b], families[a.seed]))
         frames.append(_direction(reversed_matching(p.matching), b, a, top[p.run_b], top[p.run_a], families[b.seed]))
-    frame = pd.concat(frames) if frames else pd.DataFrame({c: [] for c in MATCHED_COLUMNS})
+    frame = pd.concat(frames)
     frame = frame.sort_values(["seed_a", "seed_b", "feature_a"], kind="stable")
     return _typed(frame, MATCHED_COLUMNS), family_table
 

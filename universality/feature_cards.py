@@ -63,6 +63,7 @@ class RunSources:
     logit_weights: np.ndarray  # [F, V] direct logit effect of each feature
     densities: np.ndarray  # [F] firing frequency
     context: int  # tokens shown each side of an example
+    ctx_len: int  # the model's context length: an example's window never crosses into another context
 
     def top_tokens(self) -> list[str]:
         """Per feature, its distinct top activating tokens joined as one string."""
@@ -74,7 +75,8 @@ class RunSources:
             seed=self.seed,
             feature=feature,
             density=float(self.densities[feature]),
-            examples=examples(self.top_values[feature], self.top_positions[feature], self.tokens, self.vocab, self.context),
+            examples=examples(self.top_values[feature], self.top_positions[feature], self.tokens, self.vocab,
+                              self.context, self.ctx_len),
             promoted=promoted,
             suppressed=suppressed,
             partners=partners(matched, self.seed, feature),
@@ -88,7 +90,7 @@ def load_run_sources(seed: int, data_dir: Path, model_dir: Path, sae_dir: Path, 
     from universality.activations import HeldoutActivations
     from universality.pipeline import load_run_model
 
-    model = load_run_model(Path(model_dir), f"seed{seed}", seed, Path(model_dir).name, "cpu").model
+    model = load_run_model(Path(model_dir), Path(model_dir).name, f"seed{seed}", seed, "cpu").model
     heldout = np.load(Path(data_dir) / "heldout.npy", mmap_mode="r")
     return run_sources_of(seed, model, load_sae(Path(sae_dir), "cpu"), HeldoutActivations(Path(acts_dir)),
                           heldout, ctx_len, compare_tokens, context, vocab)
@@ -111,6 +113,7 @@ def run_sources_of(seed: int, model, sae, acts, heldout: np.ndarray, ctx_len: in
         logit_weights=feature_logit_weights(model, sae),
         densities=features.getnnz(axis=0) / features.shape[0],
         context=context,
+        ctx_len=ctx_len,
     )
 
 
@@ -120,14 +123,16 @@ def vocab_strings(tokenizer) -> list[str]:
 
 
 def examples(values_k: np.ndarray, positions_k: np.ndarray, tokens: np.ndarray, vocab: list[str],
-             context: int) -> list[Example]:
-    """Context windows of ``context`` tokens each side of each top position (-1 positions skipped)."""
+             context: int, ctx_len: int) -> list[Example]:
+    """Up to ``context`` tokens each side of each top position (-1 positions skipped), within the
+    model's context of ``ctx_len`` tokens that holds it: what the model saw, and what followed."""
     out = []
     for value, pos in zip(values_k, positions_k):
         if pos < 0:
             continue
-        left = "".join(vocab[t] for t in tokens[max(0, pos - context) : pos])
-        right = "".join(vocab[t] for t in tokens[pos + 1 : pos + 1 + context])
+        start = pos - pos % ctx_len
+        left = "".join(vocab[t] for t in tokens[max(start, pos - context) : pos])
+        right = "".join(vocab[t] for t in tokens[pos + 1 : min(start + ctx_len, pos + 1 + context)])
         out.append(Example(float(value), left, vocab[tokens[pos]], right))
     return out
 

@@ -17,7 +17,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -33,7 +33,8 @@ from universality.pairs import PairResult  # noqa: E402
 PAPER_MEDIAN_MAX_CORR = {"features": 0.72, "neurons": 0.46}  # Towards Monosemanticity, A/1 vs B/1
 BASIS_LABELS = {"features": "SAE features", "neurons": "MLP neurons", "rotation": "rotated neurons (baseline)"}
 BASIS_COLORS = {"features": "tab:blue", "neurons": "tab:orange", "rotation": "tab:gray"}
-FIGURE_INDEX = "figures.json"  # names and captions of a pair's cached figures
+FIGURES_VERSION = 1  # bump when a pair figure changes: cached figures of older versions are redrawn
+FIGURE_INDEX = f"figures-v{FIGURES_VERSION}.json"  # names and captions of a pair's cached figures
 N_CARDS = 5  # most and least universal features shown with cards
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}
@@ -128,26 +129,31 @@ def density_histogram(hist: Mapping[str, list], run: str) -> Figure:
     return render(fig, "density_histogram.png", f"{run}: SAE feature density")
 
 
-def pair_figures(pair: PairResult) -> list[Figure]:
-    """The pair's four figures, drawn once and kept beside its cached comparison (they depend on
-    nothing else), so re-running a cached experiment does not draw them again."""
-    folder = None if pair.directory is None else pair.directory / "figures"
+def drawn_once(stage_dir: Path | None, draw: Callable[[], list[Figure]]) -> list[Figure]:
+    """Figures that depend only on one cached stage's output, drawn once and kept in its folder,
+    so re-running a cached experiment does not draw them again."""
+    folder = None if stage_dir is None else stage_dir / "figures"
     if folder is not None and (folder / FIGURE_INDEX).exists():
         captions = json.loads((folder / FIGURE_INDEX).read_text())
         return [Figure(name, caption, (folder / name).read_bytes()) for name, caption in captions.items()]
-    name = f"{pair.run_a} vs {pair.run_b}"
-    figures = [
-        universality_histogram(pair.max_corr, f"{name}: max activation correlation per feature"),
-        density_scatter(pair.table, f"{name}: density vs max correlation"),
-        logit_scatter(pair.table, f"{name}: activation vs logit-weight correlation"),
-        block_heatmap(pair.top_block, pair.run_a, pair.run_b, f"{name}: top matched features"),
-    ]
+    figures = draw()
     if folder is not None:
         folder.mkdir(exist_ok=True)
         for figure in figures:
             write_figure(figure, folder)
         write_text(folder / FIGURE_INDEX, json.dumps({f.name: f.caption for f in figures}))  # written last
     return figures
+
+
+def pair_figures(pair: PairResult) -> list[Figure]:
+    """The pair's four figures (kept beside its cached comparison)."""
+    name = f"{pair.run_a} vs {pair.run_b}"
+    return drawn_once(pair.directory, lambda: [
+        universality_histogram(pair.max_corr, f"{name}: max activation correlation per feature"),
+        density_scatter(pair.table, f"{name}: density vs max correlation"),
+        logit_scatter(pair.table, f"{name}: activation vs logit-weight correlation"),
+        block_heatmap(pair.top_block, pair.run_a, pair.run_b, f"{name}: top matched features"),
+    ])
 
 
 def ranked_features(matched: pd.DataFrame, seed_a: int, seed_b: int | None = None) -> pd.DataFrame:

@@ -199,7 +199,8 @@ class Tracker:
                           *metrics_from(sae_final, "sae_eval/")],
                  params={"seed": model.seed, "model_key": model.key, "sae_key": sae.key})
         folder.mkdir(parents=True, exist_ok=True)
-        reports.write_figure(reports.density_histogram(sae.metrics["log10_density_hist"], name), folder)
+        for figure in reports.drawn_once(sae.directory, lambda: [reports.density_histogram(sae.metrics["log10_density_hist"], name)]):
+            reports.write_figure(figure, folder)
         self.client.log_artifacts(run_id, str(folder), "figures")
         for file in ("model.safetensors", "config.json"):
             self.client.log_artifact(run_id, str(model.directory / file), "model")
