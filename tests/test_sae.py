@@ -65,6 +65,16 @@ def one_thread():
 
 # ---- planted ground truth -------------------------------------------------------------------
 
+def test_train_sae_defaults_recover_a_planted_dictionary(planted, tmp_path):
+    """`univ train-sae ACTS.npy --out DIR` with no tuning gives a good SAE on well-scaled data."""
+    x, true_dirs = planted
+    np.save(tmp_path / "acts.npy", x.numpy())
+    result = CliRunner().invoke(main, ["train-sae", str(tmp_path / "acts.npy"), "--out", str(tmp_path / "sae")])
+    assert result.exit_code == 0, result.output
+    W_dec = load_sae(tmp_path / "sae").W_dec.detach()
+    assert (true_dirs @ (W_dec / W_dec.norm(dim=1, keepdim=True)).T).max(dim=1).values.mean() >= 0.95
+
+
 @pytest.mark.parametrize("arch, samples, extra", [
     ("relu", 1_000_000, {"l1_coeff": 0.03}),
     ("topk", 400_000, {"k": 8}),

@@ -117,8 +117,8 @@ def match(acts_a, acts_b, out, threshold, min_firings) -> None:
 @click.option("--l1-coeff", type=float, default=None, help="L1 lambda (relu). Default: the paper's 0.004, scaled to the dims.")
 @click.option("--k", type=int, default=None, help="Active features per token (topk). Default 32.")
 @click.option("--samples", type=int, default=None, help="Activation vectors seen in training. Default 2,000,000.")
-@click.option("--batch-size", type=int, default=None, help="Activations per step. Default 4096.")
-@click.option("--lr", type=float, default=None, help="Adam learning rate. Default 1e-3.")
+@click.option("--batch-size", type=int, default=None, help="Activations per step. Default 512.")
+@click.option("--lr", type=float, default=None, help="Adam learning rate. Default 3e-3.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @DEVICE
 def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, lr, seed, device) -> None:

@@ -89,8 +89,8 @@ class SAEConfig:
     l1_coeff: float = 0.004  # lambda of the L1 penalty (the paper's value, for normalized inputs)
     k: int = 32  # active features per token, TopK only
     aux_k_coeff: float = 1 / 32  # AuxK loss coefficient, TopK only
-    lr: float = 1e-3  # Adam learning rate
-    batch_size: int = 4096  # activations per step (the paper: 8192)
+    lr: float = 3e-3  # Adam learning rate
+    batch_size: int = 512  # activations per step (the paper: 8192, for 1M steps; small batches converge in fewer samples)
     samples: int = 2_000_000  # activation vectors seen in training
     buffer_size: int = 262_144  # shuffling buffer of activations
     resample_fractions: tuple[float, ...] = (0.025, 0.05, 0.075, 0.1)  # resampling points, as run fractions
