@@ -337,8 +337,9 @@ def load_run(paths: RunPaths, device: str) -> tuple[RunModel, RunSAE, activation
 
 
 def pair_key(acts_a: activations.HeldoutActivations, acts_b: activations.HeldoutActivations, cfg: ExperimentConfig) -> str:
+    """Both runs' activations (which fix the tokens) and the only compare settings a pair uses."""
     return cache.stage_key("pair", PAIR_VERSION, a=acts_a.directory.name, b=acts_b.directory.name,
-                           compare=dataclasses.asdict(cfg.compare))
+                           min_firings=cfg.compare.min_firings, thresholds=cfg.compare.thresholds)
 
 
 def is_compared(a: tuple, b: tuple, cfg: ExperimentConfig, results_dir: Path) -> bool:
