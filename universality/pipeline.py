@@ -449,9 +449,12 @@ def describe(result: RunResult) -> str:
     lines = []
     for name, m in result.models.items():
         s = result.saes[name].metrics
-        loss = f"held-out loss {m.metrics['eval_loss']:.3f} (bigram {m.metrics['bigram_ce']:.3f}) | " if m.metrics else ""
-        lines.append(f"{name}: {loss}SAE fvu {s['fvu']:.3f} L0 {s['l0']:.1f} dead {s['dead_fraction']:.1%} "
-                     f"loss recovered {s['loss_recovered']:.1%}")
+        sae = f"SAE fvu {s['fvu']:.3f} L0 {s['l0']:.1f} dead {s['dead_fraction']:.1%}"
+        if m.metrics:  # a trained model; a weight-shuffled control's MLP barely matters to its loss
+            lines.append(f"{name}: held-out loss {m.metrics['eval_loss']:.3f} (bigram {m.metrics['bigram_ce']:.3f}) | "
+                         f"{sae} loss recovered {s['loss_recovered']:.1%}")
+        else:
+            lines.append(f"{name} (control): {sae}")
     for p in result.pairs:
         st = p.stats
         lines.append(f"{p.run_a} vs {p.run_b}: median max corr features {st['features.max_corr_median']:.3f} | "
