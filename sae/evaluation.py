@@ -12,9 +12,9 @@ from torch import Tensor
 from models.transformer import cross_entropy
 from sae.base import SAE
 from universality.errors import DataError
+from universality.statistics import ULTRALOW_DENSITY  # the paper's cut: rarer than 1 in a million
 
 DENSE_DENSITY = 0.1  # fires on more than 10% of tokens: λ is probably too low
-ULTRALOW_DENSITY = 1e-6  # the paper's "ultralow density" cluster (fires, but rarer than 1 in a million)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 from universality import export, tracking
 from universality.cli import main
+from universality.config import DEFAULT_EXPERIMENT
 from universality.matching import match
 
 
@@ -74,7 +75,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tracked_tiny, tmp_path
 
 
 def univ_child(client: MlflowClient) -> str:
-    exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
     return client.search_runs([exp.experiment_id], filter_string="tags.`univ.kind` = 'seed'")[0].info.run_id
 
 

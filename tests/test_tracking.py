@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from universality import tracking
 from universality.cli import main
-from universality.config import load_preset
+from universality.config import DEFAULT_EXPERIMENT, load_preset
 
 REPORT_FILES = {"report/universality.png", "report/density_vs_corr.png", "report/logit_vs_activation.png",
                 "report/top_block.png", "report/report.html"}
@@ -37,7 +37,7 @@ def artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set
 
 def univ_runs(client: MlflowClient) -> dict[str, list]:
     """Runs of the univ experiment by their univ.kind tag, newest first."""
-    exp = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
     by_kind: dict[str, list] = {}
     for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]):
         by_kind.setdefault(run.data.tags[tracking.KIND], []).append(run)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from universality.cache import STAGES
-from universality.config import DEFAULT_PRESET, preset_names
+from universality.config import DEFAULT_EXPERIMENT, DEFAULT_PRESET, preset_names
 from universality.errors import UnivError, from_os_error
 
 
@@ -27,6 +27,7 @@ RESULTS_DIR = click.option("--results-dir", type=click.Path(path_type=Path), def
                            help="Results folder: stage cache, and the embedded MLflow store unless a tracking URI is given.")
 TRACKING_URI = click.option("--tracking-uri", default=None,
                             help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else SQLite in the results folder).")
+EXPERIMENT = click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 
 
@@ -57,7 +58,7 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @RESULTS_DIR
 @DEVICE
 @TRACKING_URI
-@click.option("--experiment", default="univ", show_default=True, help="MLflow experiment name.")
+@EXPERIMENT
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="Seeds trained at once (worker processes). Default: min(runs, CPU cores).")
 @click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
@@ -135,7 +136,7 @@ def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, 
 @main.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
-@click.option("--experiment", default="univ", show_default=True, help="Experiment whose URL is printed.")
+@EXPERIMENT
 @RESULTS_DIR
 def ui(port, host, experiment, results_dir) -> None:
     """Start the MLflow UI on the results folder's store and print the experiment's URL."""

@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
 from universality.errors import ConfigError
 
 DEFAULT_PRESET = "quick"
+DEFAULT_EXPERIMENT = "univ"  # the MLflow experiment univ runs are logged to
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,6 @@ class Corpus:
     documents: tuple[str, ...]
     fingerprint: str  # sha256 over the documents, in order
 
-    @property
-    def n_chars(self) -> int:
-        return sum(len(d) for d in self.documents)
-
 
 def load_corpus(source: str) -> Corpus:
     """Read the corpus named by ``source``; raises ``DataError`` if it holds no usable text."""

@@ -16,12 +16,12 @@ from typing import Iterator
 import numpy as np
 import scipy.sparse as sp
 
+from universality.activations import CHUNK_ROWS
 from universality.atomic import atomic_path
 from universality.comparison import PairComparison, compare
 from universality.config import CompareConfig
 from universality.errors import DataError
 
-CHUNK_ROWS = 8192  # tokens per streamed chunk
 TABLE_FORMATS = (".csv", ".parquet")
 
 

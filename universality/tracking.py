@@ -37,7 +37,6 @@ from universality.config import ExperimentConfig
 from universality.errors import UnivError
 from universality.feature_cards import RunSources, load_run_sources, vocab_strings
 
-DEFAULT_EXPERIMENT = "univ"
 KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | control-model | pair | randomized-pair
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PARAMS_PER_BATCH = 100
