@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from fast_pipeline import run_fast, stage_checksums
 
 from universality.errors import ConfigError
@@ -52,8 +53,11 @@ def test_engine_rejects_inconsistent_options():
     assert Engine(jobs=1).in_process(4) and not Engine(jobs=2).in_process(4) and Engine(jobs=2).in_process(1)
 
 
-def test_devices_spread_round_robin_over_gpus_only():
+def test_devices_spread_round_robin_over_gpus_only(monkeypatch):
     assert spread_devices("cpu", 3) == ["cpu"] * 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert spread_devices("cuda", 3) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert spread_devices("cpu", 2) == ["cpu", "cpu"]
 
 
 def test_two_workers_give_the_same_results_as_one(sequential, tmp_path):
@@ -64,9 +68,11 @@ def test_two_workers_give_the_same_results_as_one(sequential, tmp_path):
     assert_same_metrics(metrics(parallel), metrics(reference))
 
 
-def test_cached_run_gives_exactly_the_fresh_metrics(sequential):
-    results, reference = sequential
-    assert metrics(run_fast(results, [0, 1])) == pytest.approx(metrics(reference), nan_ok=True, rel=0, abs=0)
+def test_cached_run_gives_exactly_the_fresh_metrics(sequential, tmp_path):
+    """A run computed afresh in another folder, and a re-run served from the first run's cache, agree exactly."""
+    results, _ = sequential
+    fresh = metrics(run_fast(tmp_path / "fresh", [0, 1]))
+    assert metrics(run_fast(results, [0, 1])) == pytest.approx(fresh, nan_ok=True, rel=0, abs=0)
 
 
 @pytest.fixture()
