@@ -97,6 +97,10 @@ class SAEConfig:
     resample_fractions: tuple[float, ...] = (0.025, 0.05, 0.075, 0.1)  # resampling points, as run fractions
     dead_window_fraction: float = 0.0125  # "no firing in the previous N steps", as a run fraction
     resample_inputs: int = 81_920  # inputs on which the loss is computed to pick resampling targets
+    # The within-model ceiling: extra SAEs on the same transformer that differ only in the SAE's seed
+    # (initialization and activation order). Replicate 0 is the run's SAE; these are not in its cache key.
+    replicates: int = 1  # extra SAEs per transformer that gets them (0: no ceiling)
+    replicates_on: str = "first"  # "first": only the first seed's model | "all": every seed's model
 
     def __post_init__(self) -> None:
         _require(self.arch in ("relu", "topk"), f"sae.arch must be 'relu' or 'topk', not {self.arch!r}")
@@ -108,7 +112,13 @@ class SAEConfig:
         _require(self.resample_inputs >= 1 and self.buffer_size >= 1, "sae.resample_inputs and sae.buffer_size must be >= 1")
         _require(all(0 < f < 1 for f in self.resample_fractions), "sae.resample_fractions must lie in (0, 1)")
         _require(0 < self.dead_window_fraction <= 1, "sae.dead_window_fraction must lie in (0, 1]")
+        _require(self.replicates >= 0, "sae.replicates must be >= 0")
+        _require(self.replicates_on in ("first", "all"), f"sae.replicates_on must be 'first' or 'all', not {self.replicates_on!r}")
         object.__setattr__(self, "resample_fractions", tuple(self.resample_fractions))
+
+    def training_fields(self) -> dict[str, Any]:
+        """The fields that decide one SAE's weights (the replicate settings only say how many SAEs)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("replicates", "replicates_on")}
 
 
 @dataclass(frozen=True)
@@ -122,12 +132,17 @@ class CompareConfig:
     n_bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     top_k_examples: int = 10  # top activating contexts kept per feature
     context_tokens: int = 8  # tokens of context on each side of an example
+    # Positions at the start of every context left out of the comparison statistics, the top examples and
+    # the SAE's evaluation: at position 0 the model sees one token and no context, and features that
+    # fire there with the same value whatever the token crowd the "universal" lists (0: keep them).
+    skip_first_positions: int = 1
 
     def __post_init__(self) -> None:
         _require(self.tokens >= 1, "compare.tokens must be >= 1")
         _require(min(self.min_firings, self.n_bootstrap, self.top_k_examples) >= 1,
                  "compare.min_firings, compare.n_bootstrap and compare.top_k_examples must be >= 1")
         _require(self.context_tokens >= 0, "compare.context_tokens must be >= 0")
+        _require(self.skip_first_positions >= 0, "compare.skip_first_positions must be >= 0")
         _require(all(0 < t < 1 for t in self.thresholds), "compare.thresholds must lie in (0, 1)")
         object.__setattr__(self, "thresholds", tuple(self.thresholds))
 
@@ -142,6 +157,10 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.compare.skip_first_positions < self.data.ctx_len,
+                 f"compare.skip_first_positions must be below data.ctx_len ({self.data.ctx_len})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
