@@ -1,11 +1,13 @@
 """Pair statistics, baselines, model-level similarity and the across-seed aggregates."""
 
+import itertools
+
 import numpy as np
 import pytest
 
-from universality.across_seeds import feature_families, partner_counts, summarize, summarize_pairs
+from universality.across_seeds import feature_families, partner_counts, resampled_means, summarize, summarize_pairs
 from universality.matching import match
-from universality.similarity import linear_cka, logit_weight_similarity, svcca
+from universality.similarity import decoder_cosines, decoder_statistics, linear_cka, logit_weight_similarity, svcca
 from universality.statistics import (
     FeatureCensus,
     density_deciles,
@@ -118,11 +120,78 @@ def test_partner_counts_and_families_on_a_handmade_graph():
     assert feature_families(matchings, min_corr=0.96).size_distribution() == {1: 9}
 
 
-def test_bootstrap_interval_contains_the_mean_and_is_seeded():
-    values = np.random.default_rng(4).normal(0.6, 0.1, size=10)
-    s = summarize(values, n_bootstrap=500, seed=1)
+def _all_pairs(n: int) -> list[tuple[int, int]]:
+    return list(itertools.combinations(range(n), 2))
+
+
+def test_seed_bootstrap_interval_contains_the_mean_and_is_seeded():
+    pairs = _all_pairs(5)
+    values = np.random.default_rng(4).normal(0.6, 0.1, size=len(pairs))
+    s = summarize(values, pairs, n_units=5, n_bootstrap=500, seed=1)
     assert s["ci_low"] < s["mean"] < s["ci_high"] and s["mean"] == pytest.approx(values.mean())
-    assert s["std"] == pytest.approx(values.std(ddof=1)) and s == summarize(values, n_bootstrap=500, seed=1)
-    assert summarize([0.7], n_bootstrap=100) == {"mean": 0.7, "std": 0.0, "ci_low": 0.7, "ci_high": 0.7, "n": 1}
-    pairs = summarize_pairs([{"x": 1.0, "only_one": 2.0}, {"x": 3.0}], n_bootstrap=200)
-    assert pairs["x_mean"] == 2.0 and pairs["x_ci_low"] >= 1.0 and "only_one_mean" not in pairs
+    assert s["std"] == pytest.approx(values.std(ddof=1)) and s == summarize(values, pairs, 5, n_bootstrap=500, seed=1)
+    assert s["n"] == len(pairs)
+    one = summarize([0.7], [(0, 1)], n_units=2, n_bootstrap=100)
+    assert one == {"mean": 0.7, "std": 0.0, "ci_low": 0.7, "ci_high": 0.7, "n": 1}
+    summary = summarize_pairs([{"x": 1.0, "only_one": 2.0}, {"x": 3.0}], [(0, 1), (0, 2)], n_units=3, n_bootstrap=200)
+    assert summary["x_mean"] == 2.0 and summary["x_ci_low"] >= 1.0 and "only_one_mean" not in summary
+
+
+def _definitional_mean(draw: tuple[int, ...], value: dict[tuple[int, int], float]) -> float:
+    """The statistic recomputed from scratch over the pairs among the drawn seeds: every two drawn
+    positions holding different seeds make a pair."""
+    found = [value[tuple(sorted((draw[a], draw[b])))] for a, b in itertools.combinations(range(len(draw)), 2)
+             if draw[a] != draw[b]]
+    return float(np.mean(found)) if found else float("nan")
+
+
+def test_seed_bootstrap_matches_brute_force_enumeration():
+    """Every one of the 4**4 equally likely resamples of 4 seeds, enumerated: the weighted form equals the
+    statistic recomputed over the drawn seeds' pairs, and the Monte Carlo interval the exact quantiles."""
+    n = 4
+    pairs = _all_pairs(n)
+    values = np.array([0.2, 0.9, 0.4, 0.55, 0.7, 0.1])
+    value = dict(zip(pairs, values))
+    draws = list(itertools.product(range(n), repeat=n))
+    counts = np.array([np.bincount(d, minlength=n) for d in draws])
+    exact = np.array([_definitional_mean(d, value) for d in draws])
+    np.testing.assert_allclose(resampled_means(values, pairs, counts), exact, rtol=1e-12)
+    exact = exact[~np.isnan(exact)]  # resamples of one seed drawn 4 times hold no pair
+    s = summarize(values, pairs, n_units=n, n_bootstrap=40_000, seed=3)
+    assert s["ci_low"] == pytest.approx(np.quantile(exact, 0.025), abs=0.02)
+    assert s["ci_high"] == pytest.approx(np.quantile(exact, 0.975), abs=0.02)
+    # resampling pairs as if independent gives a different (too narrow) interval here
+    naive = np.quantile(np.random.default_rng(0).choice(values, (40_000, 6)).mean(1), [0.025, 0.975])
+    assert abs(naive[0] - s["ci_low"]) > 0.02 or abs(naive[1] - s["ci_high"]) > 0.02
+
+
+def test_seed_bootstrap_of_same_model_pairs_resamples_models():
+    """Same-model pairs (i,) weigh by how often model i is drawn: a plain bootstrap of per-model values."""
+    values = np.array([0.5, 0.7, 0.9])
+    units = [(0,), (1,), (2,)]
+    draws = list(itertools.product(range(3), repeat=3))
+    counts = np.array([np.bincount(d, minlength=3) for d in draws])
+    expected = np.array([values[list(d)].mean() for d in draws])
+    np.testing.assert_allclose(resampled_means(values, units, counts), expected, rtol=1e-12)
+
+
+def test_decoder_statistics_find_the_planted_shared_fraction():
+    """B's decoder = A's rows permuted, with 30% of them replaced by fresh random directions."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 64))
+    perm = rng.permutation(200)
+    b = a[perm].copy()
+    replaced = rng.choice(200, 60, replace=False)
+    b[replaced] = rng.standard_normal((60, 64))
+    b *= rng.uniform(0.5, 2, size=(200, 1))  # cosine ignores norms
+    everyone = np.ones(200, bool)
+    stats = decoder_statistics(a, b, everyone, everyone)
+    assert stats["frac_shared_above_0.9"] == pytest.approx(0.7)
+    assert stats["frac_shared_above_0.7"] == pytest.approx(0.7)
+    assert decoder_statistics(a, a, everyone, everyone)["cos_hungarian_median"] == pytest.approx(1.0)
+    cos = decoder_cosines(a, b)
+    i, j = 3, 17
+    assert cos[i, j] == pytest.approx(a[i] @ b[j] / np.linalg.norm(a[i]) / np.linalg.norm(b[j]))
+    alive = everyone.copy()
+    alive[:100] = False  # excluded features are neither counted nor anyone's partner
+    assert decoder_statistics(a, a, alive, alive)["cos_hungarian_mean"] == pytest.approx(1.0)

@@ -3,7 +3,8 @@
 Runs are numbered 0..R-1 and ``matchings[(i, j)]`` (i < j) matches run i's features (A) to
 run j's (B). From those: in how many other runs each feature has a good partner; feature
 families (connected components of the mutual-match graph, so a family is "the same
-feature" found in several runs); and any per-pair statistic summarized over the pairs.
+feature" found in several runs); and any per-pair statistic summarized over the pairs, with a
+confidence interval from resampling seeds (pairs share seeds, so they are not independent).
 """
 
 from __future__ import annotations
@@ -86,31 +87,62 @@ def feature_families(matchings: Mapping[RunPair, Matching], min_corr: float = 0.
     return Families(family=family, size=np.bincount(labels), n_runs=n_runs)
 
 
-def summarize(values: Sequence[float], n_bootstrap: int, seed: int = 0, level: float = 0.95) -> dict[str, float]:
-    """Mean, sample std and a percentile bootstrap confidence interval of the mean.
+def unit_counts(n_units: int, n_bootstrap: int, seed: int = 0) -> np.ndarray:
+    """[n_bootstrap, n_units] counts: how often each seed (the sampled unit) is drawn, with replacement,
+    in each bootstrap resample of ``n_units`` seeds."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=n_bootstrap)
 
-    Pairs of N seeds share runs, so they are not independent: read the interval as indicative.
+
+def resampled_means(values: np.ndarray, pair_units: Sequence[tuple[int, ...]], counts_BU: np.ndarray) -> np.ndarray:
+    """[B] the statistic's mean over the pairs among each resample's drawn seeds.
+
+    A cross-model pair (i, j) appears once for every two drawn positions holding i and j, i.e.
+    ``c_i · c_j`` times; a same-model pair (i,) once per draw of i (``c_i``); a seed drawn twice
+    makes no pair with itself. NaN where a resample holds no pair with a value (e.g. one seed drawn N times).
     """
+    values = np.asarray(values, np.float64)
+    weights_BP = np.ones((len(counts_BU), len(pair_units)))
+    for p, units in enumerate(pair_units):
+        for unit in set(units):
+            weights_BP[:, p] *= counts_BU[:, unit]
+    present = ~np.isnan(values)
+    weights_BP = weights_BP[:, present]
+    total = weights_BP.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, weights_BP @ values[present] / total, np.nan)
+
+
+def summarize(values: Sequence[float], pair_units: Sequence[tuple[int, ...]], n_units: int, n_bootstrap: int,
+              seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean and sample std of a per-pair statistic over pairs, and a percentile bootstrap interval of
+    the mean that respects the design: pairs share seeds, so seeds (not pairs) are resampled and the
+    mean is recomputed over the pairs among the drawn seeds (``resampled_means``)."""
     x = np.asarray(values, np.float64)
-    x = x[~np.isnan(x)]
-    if x.size == 0:
+    present = x[~np.isnan(x)]
+    if present.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
-    means = np.random.default_rng(seed).choice(x, size=(n_bootstrap, x.size), replace=True).mean(axis=1)
+    means = resampled_means(x, pair_units, unit_counts(n_units, n_bootstrap, seed))
+    means = means[~np.isnan(means)]
     tail = (1 - level) / 2
     return {
-        "mean": float(x.mean()),
-        "std": float(x.std(ddof=1)) if x.size > 1 else 0.0,
+        "mean": float(present.mean()),
+        "std": float(present.std(ddof=1)) if present.size > 1 else 0.0,
         "ci_low": float(np.quantile(means, tail)),
         "ci_high": float(np.quantile(means, 1 - tail)),
-        "n": int(x.size),
+        "n": int(present.size),
     }
 
 
-def summarize_pairs(pair_stats: Sequence[Mapping[str, float]], n_bootstrap: int, seed: int = 0) -> dict[str, float]:
-    """Every statistic shared by all pairs, summarized over pairs: ``{key}_mean``, ``{key}_std``, ``{key}_ci_low``, ..."""
+def summarize_pairs(pair_stats: Sequence[Mapping[str, float]], pair_units: Sequence[tuple[int, ...]], n_units: int,
+                    n_bootstrap: int, seed: int = 0) -> dict[str, float]:
+    """Every statistic shared by all pairs, summarized over pairs: ``{key}_mean``, ``{key}_std``, ``{key}_ci_low``, ...
+
+    ``pair_units[p]`` names the seeds pair p is made of (indices below ``n_units``): ``(i, j)`` for
+    two models, ``(i,)`` for two SAEs of model i."""
     keys = [k for k in pair_stats[0] if all(k in s for s in pair_stats)] if pair_stats else []
     return {
         f"{key}_{name}": value
         for key in keys
-        for name, value in summarize([s[key] for s in pair_stats], n_bootstrap, seed).items()
+        for name, value in summarize([s[key] for s in pair_stats], pair_units, n_units, n_bootstrap, seed).items()
     }

@@ -1,4 +1,5 @@
-"""Similarity beyond single activations: logit weights of matched pairs, and whole representations.
+"""Similarity beyond single activations: logit weights of matched pairs, decoder vectors of two SAEs
+of one model, and whole representations.
 
 Feature-level: do matched features also push the same logits? Model-level: are the two
 runs' representations the same up to a rotation (linear CKA, Kornblith et al. 2019) or up
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from universality.matching import NO_PARTNER, match
+
 VARIANCE_KEPT = 0.99  # SVCCA: keep the top directions explaining this much variance
+SHARED_COSINES = (0.7, 0.9)  # decoder cosine above which two SAEs' features count as shared (Paulo & Belrose 2025)
 
 
 def logit_weight_similarity(
@@ -27,6 +31,34 @@ def logit_weight_similarity(
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     dots = np.einsum("pv,pv->p", a, b)
     return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def decoder_cosines(W_dec_a_FD: np.ndarray, W_dec_b_FD: np.ndarray) -> np.ndarray:
+    """[F_A, F_B] cosine similarity of every pair of decoder vectors (rows)."""
+    a = np.asarray(W_dec_a_FD, np.float64)
+    b = np.asarray(W_dec_b_FD, np.float64)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
+    return a @ b.T
+
+
+def decoder_statistics(W_dec_a_FD: np.ndarray, W_dec_b_FD: np.ndarray, included_a: np.ndarray,
+                       included_b: np.ndarray) -> dict[str, float]:
+    """SAE-seed stability as Paulo & Belrose (2025) measure it: A's and B's decoder vectors matched
+    one-to-one (Hungarian, by cosine), and the fraction of A's features whose match is above each of
+    ``SHARED_COSINES``. Meaningful only for two SAEs of the same model (one neuron space); features
+    left out of the activation statistics (dead, too rare) are left out here too."""
+    matching = match(decoder_cosines(W_dec_a_FD, W_dec_b_FD), included_a, included_b)
+    rows = np.flatnonzero(included_a)
+    matched = np.where(matching.hungarian_b[rows] != NO_PARTNER, matching.hungarian_corr[rows], 0.0)
+    best = np.nan_to_num(matching.best_b_corr[rows], nan=0.0)
+    empty = rows.size == 0
+    return {
+        "cos_hungarian_mean": float("nan") if empty else float(matched.mean()),
+        "cos_hungarian_median": float("nan") if empty else float(np.median(matched)),
+        "cos_max_median": float("nan") if empty else float(np.median(best)),
+        **{f"frac_shared_above_{t:g}": float("nan") if empty else float((matched > t).mean()) for t in SHARED_COSINES},
+    }
 
 
 def _centred(x: np.ndarray) -> np.ndarray:
