@@ -23,7 +23,19 @@ from universality.config import SAEConfig
 from universality.errors import ConfigError, DataError
 
 CFG_FILE, WEIGHTS_FILE, METRICS_FILE, COMPLETE_MARKER = "cfg.json", "sae_weights.safetensors", "metrics.json", "COMPLETE"
+SNAPSHOT_FILE = "snapshot.safetensors"  # the SAE part-way through training (TrainedSAE.snapshot), for the convergence diagnostic
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+SAELENS_ARCHITECTURES = {"relu": "standard", "topk": "topk"}  # univ's arch -> SAELens's name for the same SAE
+
+
+def saelens_fields(sae: SAE) -> dict[str, Any]:
+    """The cfg.json fields SAELens's ``SAE.load_from_disk`` reads (TopK's ``k`` is univ's field of the same
+    name): the SAE works on raw activations (the input scale is folded in, so no normalization) and
+    subtracts b_dec before encoding, as SAELens's SAEs do."""
+    fields = {"architecture": SAELENS_ARCHITECTURES[sae.arch], "d_in": sae.d_in, "d_sae": sae.d_sae,
+              "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+              "reshape_activations": "none"}
+    return fields | ({"rescale_acts_by_decoder_norm": False} if sae.arch == "topk" else {})
 
 
 def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
@@ -37,8 +49,7 @@ def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Pa
     tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in PARAM_NAMES}
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp))
-    sae_cfg = {"architecture": sae.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32",
-               **dataclasses.asdict(cfg)}
+    sae_cfg = {**saelens_fields(sae), **dataclasses.asdict(cfg)}
     all_metrics = dict(metrics or {})
     if isinstance(trained_or_sae, TrainedSAE):
         sae_cfg["input_scale_folded"] = trained_or_sae.input_scale
@@ -63,7 +74,7 @@ def load_sae(out_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
     raw = json.loads((out / CFG_FILE).read_text())
     fields = {f.name for f in dataclasses.fields(SAEConfig)}
     cfg = SAEConfig(**{key: value for key, value in raw.items() if key in fields})
-    if cfg.dict_size != raw["d_sae"] or cfg.arch != raw["architecture"]:
+    if cfg.dict_size != raw["d_sae"] or raw["architecture"] not in (cfg.arch, SAELENS_ARCHITECTURES[cfg.arch]):
         raise ConfigError(f"{out / CFG_FILE} is inconsistent (dict_size/d_sae or arch/architecture differ)")
     sae = build_sae(cfg, raw["d_in"])
     tensors = load_file(str(out / WEIGHTS_FILE))
@@ -71,6 +82,19 @@ def load_sae(out_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
         for name in PARAM_NAMES:
             getattr(sae, name).copy_(tensors[name])
     return sae.to(device)
+
+
+def load_snapshot(out_dir: str | Path, device: str | torch.device = "cpu") -> SAE | None:
+    """The SAE as it was part-way through training (same layout as the final weights), or None if not saved."""
+    out = Path(out_dir)
+    if not (out / SNAPSHOT_FILE).exists():
+        return None
+    sae = load_sae(out, device)
+    tensors = load_file(str(out / SNAPSHOT_FILE))
+    with torch.no_grad():
+        for name in PARAM_NAMES:
+            getattr(sae, name).copy_(tensors[name])
+    return sae
 
 
 def _jsonable(value: Any) -> Any:
