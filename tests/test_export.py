@@ -40,7 +40,7 @@ def test_export_round_trips_with_documented_columns(tracked_tiny, tmp_path, fmt)
     rows = matched[matched.family == first.family]
     listed = {(int(part.split(":")[0][4:]), int(f)) for part in first.members.split(";") for f in part.split(":")[1].split(",")}
     assert set(zip(rows.seed_a, rows.feature_a)) == listed and len(listed) == first["size"]
-    assert (rows.mutual & (rows.max_corr > export.FAMILY_MIN_CORR)).any()
+    assert (rows.mutual & (rows["corr"] > export.FAMILY_MIN_CORR)).any()
 
 
 @pytest.mark.slow
@@ -104,3 +104,24 @@ def test_single_seed_run_is_tracked_and_exports_empty_typed_tables(tmp_path):
     assert exported.exit_code == 0, exported.output
     matched = export.read_table(out, "csv", export.MATCHED_COLUMNS)
     assert matched.empty and dict(matched.dtypes.astype(str)) == export.MATCHED_COLUMNS
+
+
+def test_match_and_export_tables_share_one_documented_vocabulary(tmp_path):
+    """`univ match` and `univ export` name the same quantities alike, and the README's table names every column."""
+    import re
+    from pathlib import Path
+
+    from universality.config import CompareConfig
+    from universality.match_files import match_activation_files
+
+    acts = np.maximum(np.random.default_rng(0).standard_normal((400, 6)), 0)
+    np.save(tmp_path / "a.npy", acts)
+    np.save(tmp_path / "b.npy", acts[:, ::-1].copy())
+    match_activation_files(tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "t.csv", CompareConfig(min_firings=1))
+    match_columns = set(pd.read_csv(tmp_path / "t.csv").columns)
+    assert match_columns - set(export.MATCHED_COLUMNS) == {"dead_a", "ultralow_a"}  # match-only diagnostics
+    assert {"feature_a", "feature_b", "corr", "hungarian_b", "hungarian_corr", "mutual"} <= set(export.MATCHED_COLUMNS)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("| column | dtype | meaning |"):].split("\n\n")[0]
+    documented = {name for row in table.splitlines() for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert match_columns | set(export.MATCHED_COLUMNS) <= documented, sorted((match_columns | set(export.MATCHED_COLUMNS)) - documented)

@@ -9,17 +9,20 @@ column                dtype    meaning
 seed_a                int64    seed of the feature's run
 feature_a             int64    SAE feature index in seed_a
 seed_b                int64    the other seed
-max_partner           int64    seed_b feature with the highest activation correlation (-1: none)
-max_corr              float64  its Pearson correlation on the comparison tokens (NaN: none)
-hungarian_partner     int64    one-to-one (Hungarian) partner in seed_b (-1: none)
+feature_b             int64    seed_b feature with the highest activation correlation (-1: none)
+corr                  float64  its Pearson correlation on the comparison tokens (NaN: none)
+hungarian_b           int64    one-to-one (Hungarian) partner in seed_b (-1: none)
 hungarian_corr        float64  its correlation (NaN: none)
-mutual                bool     feature_a and max_partner are each other's best partner
+mutual                bool     feature_a and feature_b are each other's best partner
 logit_corr            float64  correlation of the two features' logit weights (NaN: no partner)
 density_a             float64  fraction of comparison tokens on which feature_a fires
-density_b             float64  the same for max_partner (NaN: none)
+density_b             float64  the same for feature_b (NaN: none)
 top_tokens_a          string   feature_a's distinct top activating tokens, " | "-joined
-top_tokens_b          string   the same for max_partner ("" when none)
+top_tokens_b          string   the same for feature_b ("" when none)
 family                int64    id in the families table, -1 when in no multi-seed family
+sae_a, sae_b          int64    which SAE of each model: 0 the run's own, r > 0 replicate r
+same_model            bool     both SAEs are of one model (a replicate pair: the within-model ceiling)
+single_position_a     bool     feature_a's top activations all sit at one position of their contexts
 ====================  =======  ==============================================================
 
 Excluded features (dead, or too rare to correlate) have no partners. ``families_table`` lists
@@ -51,12 +54,13 @@ FORMATS = ("csv", "parquet", "json")
 
 MATCHED_COLUMNS: dict[str, str] = {
     "seed_a": "int64", "feature_a": "int64", "seed_b": "int64",
-    "max_partner": "int64", "max_corr": "float64",
-    "hungarian_partner": "int64", "hungarian_corr": "float64",
+    "feature_b": "int64", "corr": "float64",
+    "hungarian_b": "int64", "hungarian_corr": "float64",
     "mutual": "bool", "logit_corr": "float64",
     "density_a": "float64", "density_b": "float64",
     "top_tokens_a": "string", "top_tokens_b": "string",
     "family": "int64",
+    "sae_a": "int64", "sae_b": "int64", "same_model": "bool", "single_position_a": "bool",
 }
 FAMILY_COLUMNS: dict[str, str] = {
     "family": "int64", "size": "int64", "n_seeds": "int64", "mean_corr": "float64", "members": "string",
@@ -85,8 +89,8 @@ def _direction(m: Matching, a: RunSources, b: RunSources, tokens_a: list[str], t
     top_b = np.append(np.asarray(tokens_b, object), "")
     return pd.DataFrame({
         "seed_a": a.seed, "feature_a": np.arange(m.best_b.size), "seed_b": b.seed,
-        "max_partner": m.best_b, "max_corr": m.best_b_corr,
-        "hungarian_partner": m.hungarian_b, "hungarian_corr": m.hungarian_corr,
+        "feature_b": m.best_b, "corr": m.best_b_corr,
+        "hungarian_b": m.hungarian_b, "hungarian_corr": m.hungarian_corr,
         "mutual": m.mutual, "logit_corr": logit_corr,
         "density_a": a.densities, "density_b": density_b[m.best_b],
         "top_tokens_a": tokens_a, "top_tokens_b": top_b[m.best_b],
@@ -128,30 +132,41 @@ def family_ids(pairs: Sequence[PairResult], seed_of: Mapping[str, int]) -> tuple
     return ids, _typed(table, FAMILY_COLUMNS)
 
 
-def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(matched features, families) of every pair of seeds; ``sources`` is keyed by run name.
+def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources],
+                  replicate_pairs: Sequence[PairResult] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(matched features, families) of every pair of seeds, then of every pair of SAEs of one model
+    (``same_model`` rows); ``sources`` is keyed by run name. Families link features across models only.
     A single-seed run has no pairs: both tables are then empty, with their columns and dtypes."""
-    if not pairs:
+    if not pairs and not replicate_pairs:
         return (_typed(pd.DataFrame({c: [] for c in MATCHED_COLUMNS}), MATCHED_COLUMNS),
                 _typed(pd.DataFrame({c: [] for c in FAMILY_COLUMNS}), FAMILY_COLUMNS))
     seed_of = {name: s.seed for name, s in sources.items()}
-    families, family_table = family_ids(pairs, seed_of)
+    families, family_table = (family_ids(pairs, seed_of) if pairs else
+                              ({}, _typed(pd.DataFrame({c: [] for c in FAMILY_COLUMNS}), FAMILY_COLUMNS)))
     top = {name: s.top_tokens() for name, s in sources.items()}
     frames = []
-    for p in pairs:
-        a, b = sources[p.run_a], sources[p.run_b]
-        frames.append(_direction(p.matching, a, b, top[p.run_a], top[p.run_b], families[a.seed]))
-        frames.append(_direction(reversed_matching(p.matching), b, a, top[p.run_b], top[p.run_a], families[b.seed]))
+    for p in [*pairs, *replicate_pairs]:
+        for m, name_a, name_b in ((p.matching, p.run_a, p.run_b), (reversed_matching(p.matching), p.run_b, p.run_a)):
+            a, b = sources[name_a], sources[name_b]
+            sae_a, sae_b = replicate_of(name_a), replicate_of(name_b)
+            family = families[a.seed] if sae_a == 0 and a.seed in families else np.full(m.best_b.size, -1)
+            frames.append(_direction(m, a, b, top[name_a], top[name_b], family).assign(
+                sae_a=sae_a, sae_b=sae_b, same_model=a.seed == b.seed, single_position_a=a.single_position()))
     frame = pd.concat(frames)
-    frame = frame.sort_values(["seed_a", "seed_b", "feature_a"], kind="stable")
+    frame = frame.sort_values(["same_model", "seed_a", "sae_a", "seed_b", "sae_b", "feature_a"], kind="stable")
     return _typed(frame, MATCHED_COLUMNS), family_table
+
+
+def replicate_of(run_name: str) -> int:
+    """0 for a run's own SAE ("seed0"), r for its replicate r ("seed0-sae1" -> 1)."""
+    return int(run_name.rpartition("-sae")[2]) if "-sae" in run_name else 0
 
 
 def run_sources(result) -> dict[str, RunSources]:
     """Sources of every seed that belongs to a pair in a finished ``pipeline.RunResult``."""
     cfg, dataset = result.cfg, result.dataset
     vocab = vocab_strings(dataset.tokenizer())
-    names = dict.fromkeys(name for p in result.pairs for name in (p.run_a, p.run_b))
+    names = dict.fromkeys(name for p in [*result.pairs, *result.replicate_pairs] for name in (p.run_a, p.run_b))
     return {
         name: run_sources_of(result.models[name].seed, result.models[name].model, result.saes[name].sae,
                              result.activations[name], dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens,

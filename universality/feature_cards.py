@@ -49,6 +49,7 @@ class FeatureCard:
     promoted: list[tuple[str, float]]  # tokens whose logits it raises most, with the logit weight
     suppressed: list[tuple[str, float]]
     partners: list[Partner]
+    position: int | None = None  # set: every top activation sits at this position of its context (a position feature)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class RunSources:
     context: int  # tokens shown each side of an example
     ctx_len: int  # the model's context length: an example's window never crosses into another context
 
+    def single_position(self) -> np.ndarray:
+        """[F] bool: features whose top activations all sit at one position of their contexts."""
+        from universality.activations import single_position
+
+        return single_position(self.top_positions, self.ctx_len)
+
     def top_tokens(self) -> list[str]:
         """Per feature, its distinct top activating tokens joined as one string."""
         return [" | ".join(top_tokens(row, self.tokens, self.vocab)) for row in self.top_positions]
@@ -80,6 +87,7 @@ class RunSources:
             promoted=promoted,
             suppressed=suppressed,
             partners=partners(matched, self.seed, feature),
+            position=int(self.top_positions[feature, 0] % self.ctx_len) if self.single_position()[feature] else None,
         )
 
 
@@ -151,10 +159,12 @@ def logit_effects(weights_V: np.ndarray, vocab: list[str], n: int = N_LOGIT_TOKE
 
 
 def partners(matched: pd.DataFrame, seed: int, feature: int) -> list[Partner]:
-    """Best partners of ``seed``'s ``feature`` in every other seed, from the matched feature table."""
-    rows = matched[(matched.seed_a == seed) & (matched.feature_a == feature) & (matched.max_partner >= 0)]
-    return [Partner(int(r.seed_b), int(r.max_partner), float(r.max_corr), bool(r.mutual))
-            for r in rows.sort_values("max_corr", ascending=False).itertuples()]
+    """Best partners of ``seed``'s ``feature`` in every other seed, from the matched feature table
+    (its own model's replicate SAEs are the ceiling, not partners)."""
+    rows = matched[(matched.seed_a == seed) & (matched.feature_a == feature) & (matched.feature_b >= 0)
+                   & ~matched.same_model & (matched.sae_a == 0)]
+    return [Partner(int(r.seed_b), int(r.feature_b), float(r.corr), bool(r.mutual))
+            for r in rows.sort_values("corr", ascending=False).itertuples()]
 
 
 def _show(text: str) -> str:
@@ -165,6 +175,8 @@ def _show(text: str) -> str:
 def render_terminal(card: FeatureCard) -> str:
     """The card as terminal text, the activating token highlighted with ANSI styles."""
     lines = [click.style(f"seed{card.seed} feature {card.feature}", bold=True) + f"  density {card.density:.3g}",
+             *([click.style(f"position feature: every top activation is at position {card.position} of its context",
+                            fg="red")] if card.position is not None else []),
              "top activating contexts:"]
     for ex in card.examples:
         token = click.style(f"⟦{_show(ex.token)}⟧", fg="black", bg="yellow", bold=True)  # brackets survive pipes
@@ -187,5 +199,7 @@ def render_html(card: FeatureCard) -> str:
     partner_list = ", ".join(f"seed{p.seed}/{p.feature} ({p.corr:.3f}{', mutual' if p.mutual else ''})" for p in card.partners)
     return (f"<div class='card'><h4>seed{card.seed} feature {card.feature} "
             f"<small>density {card.density:.3g}</small></h4>"
-            f"<p><b>best partners:</b> {partner_list or 'none'}</p>{effects}"
+            + (f"<p><b>position feature:</b> every top activation is at position {card.position} of its context</p>"
+               if card.position is not None else "")
+            + f"<p><b>best partners:</b> {partner_list or 'none'}</p>{effects}"
             f"<table class='examples'><tr><th>act</th><th>context</th></tr>{rows}</table></div>")

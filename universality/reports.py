@@ -27,12 +27,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from universality.atomic import atomic_path, write_text  # noqa: E402
+from universality.export import replicate_of  # noqa: E402
 from universality.feature_cards import RunSources, render_html  # noqa: E402
 from universality.pairs import PairResult  # noqa: E402
 
 PAPER_MEDIAN_MAX_CORR = {"features": 0.72, "neurons": 0.46}  # Towards Monosemanticity, A/1 vs B/1
-BASIS_LABELS = {"features": "SAE features", "neurons": "MLP neurons", "rotation": "rotated neurons (baseline)"}
-BASIS_COLORS = {"features": "tab:blue", "neurons": "tab:orange", "rotation": "tab:gray"}
+BASIS_LABELS = {"features": "SAE features", "neurons": "MLP neurons", "rotation": "rotated neurons (baseline)",
+                "ceiling": "SAE features, same model (ceiling)"}
+BASIS_COLORS = {"features": "tab:blue", "neurons": "tab:orange", "rotation": "tab:gray", "ceiling": "tab:green"}
 FIGURES_VERSION = 1  # bump when a pair figure changes: cached figures of older versions are redrawn
 FIGURE_INDEX = f"figures-v{FIGURES_VERSION}.json"  # names and captions of a pair's cached figures
 N_CARDS = 5  # most and least universal features shown with cards
@@ -156,12 +158,14 @@ def pair_figures(pair: PairResult) -> list[Figure]:
     ])
 
 
-def ranked_features(matched: pd.DataFrame, seed_a: int, seed_b: int | None = None) -> pd.DataFrame:
-    """``seed_a``'s features with partners, ranked by max correlation (mean over seeds if ``seed_b`` is None)."""
-    rows = matched[(matched.seed_a == seed_a) & (matched.max_partner >= 0)]
-    if seed_b is not None:
-        rows = rows[rows.seed_b == seed_b]
-    return rows.groupby("feature_a")["max_corr"].mean().sort_values(ascending=False).reset_index()
+def ranked_features(matched: pd.DataFrame, seed_a: int, seed_b: int | None = None, sae_a: int = 0,
+                    sae_b: int = 0) -> pd.DataFrame:
+    """The features of ``seed_a``'s SAE ``sae_a`` that have partners, ranked by max correlation: with SAE
+    ``sae_b`` of ``seed_b`` (another model, or a replicate of the same one), or averaged over every other
+    model when ``seed_b`` is None."""
+    rows = matched[(matched.seed_a == seed_a) & (matched.sae_a == sae_a) & (matched.feature_b >= 0)]
+    rows = rows[~rows.same_model] if seed_b is None else rows[(rows.seed_b == seed_b) & (rows.sae_b == sae_b)]
+    return rows.groupby("feature_a")["corr"].mean().sort_values(ascending=False).reset_index()
 
 
 def _headline_table(stats: Mapping[str, float]) -> str:
@@ -195,19 +199,23 @@ def page(title: str, body: str) -> str:
 def pair_report(pair: PairResult, figures: Sequence[Figure], matched: pd.DataFrame,
                 sources: Mapping[str, RunSources]) -> str:
     source_a, source_b = sources[pair.run_a], sources[pair.run_b]
-    ranked = ranked_features(matched, source_a.seed, source_b.seed)
+    ranked = ranked_features(matched, source_a.seed, source_b.seed, replicate_of(pair.run_a), replicate_of(pair.run_b))
     body = (_headline_table(pair.stats) + "".join(f.html() for f in figures)
             + _cards_section(ranked, source_a, matched))
     return page(f"univ: {pair.run_a} vs {pair.run_b}", body)
 
 
-def run_report(pairs: Sequence[PairResult], randomized: PairResult | None, summary: Mapping[str, float],
-               matched: pd.DataFrame, sources: Mapping[str, RunSources], figure: Figure) -> str:
-    """The whole run: pooled histogram, per-pair headline rows, the randomized control, feature cards."""
+def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
+               summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources], figure: Figure) -> str:
+    """The whole run: universality beside its ceiling and baselines, pooled histogram, per-pair rows, the
+    randomized control, feature cards."""
     per_pair = "".join(
         f"<tr><td>{p.run_a} vs {p.run_b}</td><td>{p.stats['features.max_corr_median']:.3f}</td>"
         f"<td>{p.stats['neurons.max_corr_median']:.3f}</td><td>{p.stats['rotation.max_corr_median']:.3f}</td>"
         f"<td>{p.stats['features.n_mutual']}</td></tr>" for p in pairs)
+    per_pair += "".join(
+        f"<tr><td>{p.run_a} vs {p.run_b} (same model)</td><td>{p.stats['features.max_corr_median']:.3f}</td>"
+        f"<td>–</td><td>–</td><td>{p.stats['features.n_mutual']}</td></tr>" for p in replicate_pairs)
     control = ("" if randomized is None else
                f"<p>Randomized-transformer control (weight-shuffled models): median max corr of SAE features "
                f"{randomized.stats['features.max_corr_median']:.3f}.</p>")
@@ -216,7 +224,8 @@ def run_report(pairs: Sequence[PairResult], randomized: PairResult | None, summa
                                                      "features.frac_above_0.5", "features.n_mutual",
                                                      "features.logit_corr_median_mutual", "cka")}
     first = sources[pairs[0].run_a]
-    body = ("<h2>Headline (mean over pairs)</h2>" + _headline_table(pooled)
+    body = ("<h2>Universality against its ceiling</h2>" + _ceiling_table(summary, len(pairs), len(replicate_pairs), randomized)
+            + "<h2>Headline (mean over pairs)</h2>" + _headline_table(pooled)
             + f"<p>Feature families spanning every seed: {summary.get('families.n_all_runs', '–')}.</p>" + control
             + "<h2>Pairs</h2><table><tr><th>pair</th><th>features</th><th>neurons</th><th>rotated neurons</th>"
             + f"<th>mutual matches</th></tr>{per_pair}</table>" + figure.html()
@@ -224,8 +233,37 @@ def run_report(pairs: Sequence[PairResult], randomized: PairResult | None, summa
     return page("univ: feature universality across seeds", body)
 
 
-def pooled_max_corr(pairs: Sequence[PairResult]) -> dict[str, np.ndarray]:
-    return {basis: np.concatenate([p.max_corr[basis] for p in pairs]) for basis in pairs[0].max_corr}
+CEILING_ROWS = (("SAE features, across models", "features.max_corr_median"),
+                ("SAE features, same model: two SAE seeds (the ceiling)", "ceiling.features.max_corr_median"),
+                ("neurons, across models", "neurons.max_corr_median"),
+                ("rotated neurons, across models (baseline)", "rotation.max_corr_median"))
+
+
+def _ceiling_table(summary: Mapping[str, float], n_pairs: int, n_replicate_pairs: int, randomized: PairResult | None) -> str:
+    """Median max activation correlation across models beside the same-model ceiling, their ratio and the
+    baselines, each with its interval: what a cross-model number can be trusted to say."""
+    fmt = lambda v: "–" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    rows = [(label, summary.get(f"{key}_mean"), summary.get(f"{key}_ci_low"), summary.get(f"{key}_ci_high"))
+            for label, key in CEILING_ROWS]
+    rows.append(("across models / ceiling", summary.get("ceiling_ratio.features.max_corr_median"), None, None))
+    if randomized is not None:
+        rows.append(("SAE features, weight-shuffled models (control)", randomized.stats["features.max_corr_median"], None, None))
+    body = "".join(f"<tr><td>{label}</td><td>{fmt(mean)}</td><td>{fmt(low)} – {fmt(high)}</td></tr>"
+                   if low is not None else f"<tr><td>{label}</td><td>{fmt(mean)}</td><td></td></tr>"
+                   for label, mean, low, high in rows)
+    return (f"<table><tr><th>median max activation correlation</th><th>mean over pairs</th><th>95% interval</th></tr>{body}"
+            f"</table><p>Across models: {n_pairs} pair(s) of seeds. Ceiling: {n_replicate_pairs} pair(s) of SAEs trained on "
+            "the same transformer with different SAE seeds; a cross-model number can be no higher than the SAEs' own "
+            "agreement. Intervals: percentile bootstrap over seeds (each resample draws seeds with replacement and "
+            "averages the pairs among the drawn seeds), none with fewer than 3 seeds.</p>")
+
+
+def pooled_max_corr(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult] = ()) -> dict[str, np.ndarray]:
+    """Each basis's max correlations over all pairs; the replicate pairs' features as the "ceiling" basis."""
+    pooled = {basis: np.concatenate([p.max_corr[basis] for p in pairs]) for basis in pairs[0].max_corr}
+    if replicate_pairs:
+        pooled["ceiling"] = np.concatenate([p.max_corr["features"] for p in replicate_pairs])
+    return pooled
 
 
 def write_figure(figure: Figure, folder: Path) -> Path:
@@ -244,10 +282,12 @@ def write_pair_report(pair: PairResult, matched: pd.DataFrame, sources: Mapping[
     return folder
 
 
-def write_run_report(pairs: Sequence[PairResult], randomized: PairResult | None, summary: Mapping[str, float],
-                     matched: pd.DataFrame, sources: Mapping[str, RunSources], folder: Path) -> Path:
+def write_run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
+                     summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources],
+                     folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    figure = universality_histogram(pooled_max_corr(pairs), "all pairs: max activation correlation per feature")
+    figure = universality_histogram(pooled_max_corr(pairs, replicate_pairs),
+                                    "all pairs: max activation correlation per feature")
     write_figure(figure, folder)
-    write_text(folder / "report.html", run_report(pairs, randomized, summary, matched, sources, figure))
+    write_text(folder / "report.html", run_report(pairs, replicate_pairs, randomized, summary, matched, sources, figure))
     return folder

@@ -37,7 +37,7 @@ from universality.config import ExperimentConfig
 from universality.errors import UnivError
 from universality.feature_cards import RunSources, load_run_sources, vocab_strings
 
-KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | control-model | pair | randomized-pair
+KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PARAMS_PER_BATCH = 100
 TABLES = {"matched": "tables/matched_features.parquet", "families": "tables/matched_features.families.parquet"}
@@ -160,11 +160,11 @@ class Tracker:
         start = time.perf_counter()
         folder = self.results_dir / "reports" / self.run_id
         sources = export.run_sources(result)
-        matched, families = export.matched_table(result.pairs, sources)
+        matched, families = export.matched_table(result.pairs, sources, result.replicate_pairs)
         for name in result.models:
             self._log_model_run(result, name, folder / "runs" / name)
-        for pair in result.pairs:
-            self._log_pair(pair, "pair", reports.write_pair_report(pair, matched, sources, folder / "pairs" / _pair_name(pair)))
+        for pair, kind in [*((p, "pair") for p in result.pairs), *((p, "replicate-pair") for p in result.replicate_pairs)]:
+            self._log_pair(pair, kind, reports.write_pair_report(pair, matched, sources, folder / "pairs" / _pair_name(pair)))
         if result.randomized is not None:
             control = folder / "pairs" / _pair_name(result.randomized)
             control.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,8 @@ class Tracker:
         self._log_tables(matched, families, folder / "tables")
         if result.pairs:
             self.client.log_artifacts(self.run_id, str(reports.write_run_report(
-                result.pairs, result.randomized, result.summary, matched, sources, folder / "report")), "report")
+                result.pairs, result.replicate_pairs, result.randomized, result.summary, matched, sources,
+                folder / "report")), "report")
         dataset = result.dataset
         _log_dataset(self.client, self.run_id, dataset.corpus_source, dataset.corpus_fingerprint)
         self.log(self.run_id, metrics_from(result.summary),
@@ -185,25 +186,28 @@ class Tracker:
 
     def _log_model_run(self, result, name: str, folder: Path) -> None:
         model, sae = result.models[name], result.saes[name]
-        kind = "seed" if name.startswith("seed") else "control-model"
+        kind = "sae-replicate" if sae.replicate else "seed" if name.startswith("seed") else "control-model"
+        trained = not sae.replicate  # a replicate shares its model with the seed's run: log only its SAE
         run_id = self.child(name, kind, {"univ.run_name": name, "univ.seed": str(model.seed),
                                          "univ.model_dir": str(model.directory), "univ.sae_dir": str(sae.directory),
                                          "univ.activations_dir": str(result.activations[name].directory)})
         sae_final = {k: v for k, v in sae.metrics.items() if k not in ("densities", "log10_density_hist")}
-        self.log(run_id, [*curves(model.history, "transformer/", model.metrics and
-                                  {k: model.metrics[k] for k in ("unigram_ce", "bigram_ce")}),
-                          *metrics_from(model.metrics, "transformer/final_"),
+        transformer = [*curves(model.history, "transformer/", model.metrics and
+                                 {k: model.metrics[k] for k in ("unigram_ce", "bigram_ce")}),
+                       *metrics_from(model.metrics, "transformer/final_")] if trained else []
+        self.log(run_id, [*transformer,
                           *curves(sae.history, "sae/"),
                           *[m for e in sae.resampling_events for m in metrics_from({"n_resampled": e["n_resampled"]}, "sae/", e["step"])],
                           *metrics_from(sae_final, "sae_eval/")],
-                 params={"seed": model.seed, "model_key": model.key, "sae_key": sae.key})
+                 params={"seed": model.seed, "model_key": model.key, "sae_key": sae.key, "sae_replicate": sae.replicate})
         folder.mkdir(parents=True, exist_ok=True)
-        for figure in reports.drawn_once(sae.directory, lambda: [reports.density_histogram(sae.metrics["log10_density_hist"], name)]):
+        for figure in reports.drawn_once(sae.evaluation, lambda: [reports.density_histogram(sae.metrics["log10_density_hist"], name)]):
             reports.write_figure(figure, folder)
         self.client.log_artifacts(run_id, str(folder), "figures")
-        for file in ("model.safetensors", "config.json"):
-            self.client.log_artifact(run_id, str(model.directory / file), "model")
-        self.client.log_artifact(run_id, str(result.dataset.tokenizer_path), "tokenizer")
+        if trained:
+            for file in ("model.safetensors", "config.json"):
+                self.client.log_artifact(run_id, str(model.directory / file), "model")
+            self.client.log_artifact(run_id, str(result.dataset.tokenizer_path), "tokenizer")
         for file in ("cfg.json", "sae_weights.safetensors"):
             self.client.log_artifact(run_id, str(sae.directory / file), "sae")
         self.finish(run_id)
@@ -233,19 +237,45 @@ def _log_dataset(client: MlflowClient, run_id: str, source: str, fingerprint: st
 
 @contextlib.contextmanager
 def tracked_run(results_dir: Path, tracking_uri: str | None, experiment: str, cfg: ExperimentConfig,
-                seeds: Sequence[int]) -> Iterator[Tracker]:
-    """Open the parent run (failing fast if the store is unreachable); close every run on the way out."""
+                seeds: Sequence[int], parent_run_id: str | None = None, run_name: str | None = None,
+                tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
+    """Open a univ run's parent run (failing fast if the store is unreachable); close every run on the way
+    out. ``parent_run_id`` nests it under another run (a sweep's), ``tags`` are added to its own."""
+    run_tags = {KIND: "experiment", "univ.preset": cfg.name, **(tags or {})}
+    if parent_run_id is not None:
+        run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    params = {**cfg.flat(), "seeds": ",".join(map(str, seeds))}
+    with _open_run(results_dir, tracking_uri, experiment, run_name or f"{cfg.name}-{len(seeds)}-seeds",
+                   run_tags, params) as tracker:
+        yield tracker
+
+
+@contextlib.contextmanager
+def tracked_sweep(results_dir: Path, tracking_uri: str | None, experiment: str, cfg: ExperimentConfig,
+                  seeds: Sequence[int], params: Mapping[str, str]) -> Iterator[Tracker]:
+    """Open a ``univ sweep``'s parent run (its grid points are ``tracked_run`` parents nested under it)."""
+    tags = {KIND: "sweep", "univ.preset": cfg.name}
+    with _open_run(results_dir, tracking_uri, experiment, f"sweep-{cfg.name}-{len(seeds)}-seeds", tags,
+                   {"preset": cfg.name, "seeds": ",".join(map(str, seeds)), **params}) as tracker:
+        yield tracker
+
+
+@contextlib.contextmanager
+def _open_run(results_dir: Path, tracking_uri: str | None, experiment: str, run_name: str,
+              tags: Mapping[str, str], params: Mapping[str, object]) -> Iterator[Tracker]:
+    """Create a univ parent run with ``tags`` and ``params`` (and the results folder, git revision and
+    package versions); mark it and its open children FINISHED, FAILED or KILLED on the way out."""
     start = time.perf_counter()
     results_dir = Path(results_dir)
     client = open_client(results_dir, tracking_uri)
     exp = experiment_id(client, experiment, results_dir)
-    tags = {KIND: "experiment", "univ.results_dir": str(results_dir.resolve()), "univ.preset": cfg.name}
+    tags = {"univ.results_dir": str(results_dir.resolve()), **tags}
     revision = git_revision()
     if revision:
         tags[MLFLOW_GIT_COMMIT] = revision
-    run = client.create_run(exp, run_name=f"{cfg.name}-{len(seeds)}-seeds", tags=tags)
+    run = client.create_run(exp, run_name=run_name, tags=tags)
     tracker = Tracker(client, exp, run.info.run_id, results_dir, open_runs=[run.info.run_id])
-    tracker.log(tracker.run_id, params={**cfg.flat(), "seeds": ",".join(map(str, seeds)), **package_versions()})
+    tracker.log(tracker.run_id, params={**params, **package_versions()})
     tracker.seconds += time.perf_counter() - start
     try:
         yield tracker
@@ -258,9 +288,9 @@ def tracked_run(results_dir: Path, tracking_uri: str | None, experiment: str, cf
     tracker.finish_all("FINISHED")
 
 
-
-def find_run(client: MlflowClient, run: str):
-    """A univ parent run by id, or ``latest``: the newest finished one in any experiment."""
+def find_run(client: MlflowClient, run: str, kinds: Sequence[str] = ("experiment",)):
+    """A univ run of one of ``kinds`` by id, or ``latest``: the newest finished univ run (an
+    ``experiment``, whatever ``kinds`` allows) in any experiment."""
     if run == "latest":
         ids = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(ids, filter_string=f"tags.`{KIND}` = 'experiment' and attributes.status = 'FINISHED'",
@@ -272,21 +302,32 @@ def find_run(client: MlflowClient, run: str):
         found = client.get_run(run)
     except MlflowException:
         raise UnivError(f"unknown run id {run!r} in {client.tracking_uri}") from None
-    if found.data.tags.get(KIND) != "experiment":
-        raise UnivError(f"run {run} is not a univ run (it has no {KIND}=experiment tag)")
+    if found.data.tags.get(KIND) not in kinds:
+        raise UnivError(f"run {run} is not a univ {' or '.join(kinds)} run (its {KIND} tag is {found.data.tags.get(KIND)!r})")
     return found
 
 
 def load_tables(client: MlflowClient, run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The (matched features, families) tables logged on a univ parent run, downloaded from its artifacts."""
+    with downloaded(client, run_id, TABLES, "matched feature tables") as paths:
+        try:
+            return (export.read_table(paths["matched"], "parquet", export.MATCHED_COLUMNS),
+                    export.read_table(paths["families"], "parquet", export.FAMILY_COLUMNS))
+        except KeyError as exc:  # a column this version names differently or added since
+            raise UnivError(f"run {run_id}'s tables have no column {exc}: an older univ wrote them; run it again") from None
+
+
+@contextlib.contextmanager
+def downloaded(client: MlflowClient, run_id: str, artifacts: Mapping[str, str], what: str) -> Iterator[dict[str, str]]:
+    """name -> local path of each of a run's ``artifacts`` (name -> artifact path), in a temporary folder
+    removed on the way out; a missing one is a one-line error naming ``what``."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep the CLI's output to its own lines
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            paths = {name: client.download_artifacts(run_id, path, tmp) for name, path in TABLES.items()}
+            paths = {name: client.download_artifacts(run_id, path, tmp) for name, path in artifacts.items()}
         except (MlflowException, OSError):
-            raise UnivError(f"run {run_id} has no matched feature tables (did it finish?)") from None
-        return (export.read_table(paths["matched"], "parquet", export.MATCHED_COLUMNS),
-                export.read_table(paths["families"], "parquet", export.FAMILY_COLUMNS))
+            raise UnivError(f"run {run_id} has no {what} (did it finish?)") from None
+        yield paths
 
 
 def seed_sources(client: MlflowClient, parent, seed: int) -> RunSources:
