@@ -121,6 +121,11 @@ def read_summary(directory: Path) -> dict[str, Any]:
     return json.loads((directory / DONE).read_text())["summary"]
 
 
+def build_seconds(directory: Path) -> float:
+    """How long building the stage took, as recorded when it finished (0 when unknown)."""
+    return float((_read_done(directory) or {}).get("seconds", 0.0))
+
+
 @contextlib.contextmanager
 def lock(directory: Path) -> Iterator[None]:
     """Hold the stage folder's exclusive lock (creating the folder); waits while another process holds it."""

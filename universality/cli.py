@@ -49,42 +49,94 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return seeds
 
 
-@main.command()
-@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Number of seeds (0..N-1). Default 2.")
-@click.option("--seed-list", callback=_seed_list, help="Explicit seeds, e.g. 3,7,11 (instead of --seeds).")
-@click.option("--preset", type=click.Choice(preset_names()), default=DEFAULT_PRESET, show_default=True)
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML/JSON config laid over the preset.")
-@click.option("--corpus", default=None, help="'stdlib', a text file or folder, or hf:NAME[:SPLIT].")
-@RESULTS_DIR
-@DEVICE
-@TRACKING_URI
-@EXPERIMENT
-@click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Seeds trained at once (worker processes). Default: min(runs, CPU cores).")
-@click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
-              help="loky: worker processes here; dask: a Dask cluster (results dir on a shared filesystem).")
-@click.option("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT (with --backend dask).")
-def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
-        jobs, backend, scheduler) -> None:
-    """Train one transformer per seed, fit an SAE on each, and compare every pair."""
-    from universality import pipeline, tracking
+def experiment_options(command):
+    """The options ``run`` and ``sweep`` share: which seeds and config, where results go, where the work runs."""
+    options = [
+        click.option("--seeds", type=click.IntRange(min=1), default=None, help="Number of seeds (0..N-1). Default 2."),
+        click.option("--seed-list", callback=_seed_list, help="Explicit seeds, e.g. 3,7,11 (instead of --seeds)."),
+        click.option("--preset", type=click.Choice(preset_names()), default=DEFAULT_PRESET, show_default=True),
+        click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML/JSON config laid over the preset."),
+        click.option("--corpus", default=None, help="'stdlib', a text file or folder, or hf:NAME[:SPLIT]."),
+        RESULTS_DIR,
+        DEVICE,
+        TRACKING_URI,
+        EXPERIMENT,
+        click.option("--jobs", type=click.IntRange(min=1), default=None,
+                     help="Seeds trained at once (worker processes). Default: min(runs, CPU cores)."),
+        click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
+                     help="loky: worker processes here; dask: a Dask cluster (results dir on a shared filesystem)."),
+        click.option("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT (with --backend dask)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _experiment(seeds, seed_list, preset, config_file, corpus):
+    """(config, seeds) from the shared options: the preset, the config file laid over it, the corpus."""
     from universality.config import load_config, load_preset
-    from universality.orchestration import Engine
 
     if seeds is not None and seed_list is not None:
         raise click.UsageError("give --seeds or --seed-list, not both")
     chosen = seed_list if seed_list is not None else list(range(seeds if seeds is not None else 2))
-    engine = Engine(jobs, backend, scheduler)
     cfg = load_preset(preset)
     if config_file is not None:
         cfg = load_config(config_file, base=cfg)
     if corpus is not None:
         cfg = cfg.replace(data={"corpus": corpus})
+    return cfg, chosen
+
+
+@main.command()
+@experiment_options
+def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
+        jobs, backend, scheduler) -> None:
+    """Train one transformer per seed, fit an SAE on each, and compare every pair."""
+    from universality import pipeline, tracking
+    from universality.orchestration import Engine
+
+    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus)
+    engine = Engine(jobs, backend, scheduler)
     with tracking.tracked_run(results_dir, tracking_uri, experiment, cfg, chosen) as tracker:
         result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device, engine=engine)
         tracker.log_result(result)
     click.echo(pipeline.describe(result))
     click.echo(f"MLflow run {tracker.run_id} in {tracker.client.tracking_uri} (tracking took {tracker.seconds:.1f} s)")
+
+
+def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):
+    """The --grid specs as axes; a malformed one is a usage error (one line) before any work."""
+    from universality.errors import ConfigError
+    from universality.sweep import parse_grid
+
+    try:
+        return parse_grid(specs)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.option("--grid", "axes", multiple=True, required=True, callback=_grid, metavar="SECTION.FIELD=V1,V2,...",
+              help="A grid axis: a config field and its values (repeat for more axes; tuples as [a,b]), "
+                   "e.g. sae.samples=819200,3276800.")
+@click.option("--stat", "stats", multiple=True, metavar="KEY",
+              help="A summary statistic to tabulate and plot (repeatable). Default: cross-model SAE features, "
+                   "neurons and the within-model ceiling, each's median max correlation (mean over pairs).")
+@experiment_options
+def sweep(axes, stats, seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
+          jobs, backend, scheduler) -> None:
+    """Run the experiment at every point of a grid of config fields; tabulate and plot statistics against each axis."""
+    from universality import sweep as sweeps
+    from universality.orchestration import Engine
+
+    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus)
+    engine = Engine(jobs, backend, scheduler)
+    stats = tuple(dict.fromkeys(stats)) or sweeps.DEFAULT_STATS
+    result = sweeps.run_sweep(cfg, axes, chosen, results_dir, stats=stats, device=device,
+                              engine=engine, tracking_uri=tracking_uri, experiment=experiment, echo=click.echo)
+    click.echo(sweeps.format_table(result.table))
+    click.echo(f"summary table and figure in {result.files[0].parent}")
+    click.echo(f"MLflow sweep run {result.run_id} in {result.tracking_uri}")
 
 
 @main.command()
@@ -158,18 +210,25 @@ def ui(port, host, experiment, results_dir) -> None:
 @click.argument("run_id", metavar="[RUN]", default="latest")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default="csv", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Matched feature table; the families table is written beside it (OUT with .families before the suffix).")
+              help="Matched feature table; the families table is written beside it (OUT with .families before the suffix). "
+                   "For a sweep: its summary table.")
 @RESULTS_DIR
 @TRACKING_URI
 def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
-    """Export a univ run's matched feature table and families (RUN: an MLflow run id or 'latest')."""
+    """Export a univ run's matched feature table and families, or a sweep's summary table (RUN: an MLflow run id,
+    or 'latest': the latest univ run)."""
     from universality import export as export_tables
-    from universality import tracking
+    from universality import sweep, tracking
 
     if not out.parent.is_dir():
         raise UnivError(f"folder {out.parent} does not exist")
     client = tracking.open_client(results_dir, tracking_uri)
-    run = tracking.find_run(client, run_id)
+    run = tracking.find_run(client, run_id, kinds=("experiment", "sweep"))
+    if run.data.tags[tracking.KIND] == "sweep":
+        table = sweep.load_summary(client, run.info.run_id)
+        export_tables.write_table(table, out, fmt)
+        click.echo(f"sweep {run.info.run_id}: {len(table)} grid points -> {out}")
+        return
     matched, families = tracking.load_tables(client, run.info.run_id)
     written = export_tables.write_tables(matched, families, out, fmt)
     click.echo(f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}")
