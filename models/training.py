@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from models.transformer import OneLayerTransformer, TransformerConfig, cross_entropy
 from universality import checkpoint
 from universality.config import TrainConfig
 from universality.errors import TrainingDiverged
+from universality.progress import bar as progress_bar
 
 
 @dataclass
@@ -93,7 +93,7 @@ def train_transformer(
     eval_contexts = heldout_contexts(heldout_tokens, model_cfg.ctx_len)
     quick_eval = eval_contexts[: cfg.eval_batches * cfg.batch_size]
 
-    bar = tqdm(range(result.resumed_from, cfg.steps), desc=f"transformer seed {seed}", disable=not progress, leave=False)
+    bar = progress_bar(range(result.resumed_from, cfg.steps), desc=f"transformer seed {seed}", disable=not progress, leave=False)
     for step in bar:
         batch = training_batch(train_tokens, model_cfg.ctx_len, cfg.batch_size, seed, step).to(device)
         loss = cross_entropy(model(batch).logits, batch)

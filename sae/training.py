@@ -16,7 +16,6 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from sae.base import SAE
 from sae.constrained_adam import ConstrainedAdam
@@ -26,6 +25,7 @@ from sae.resampling import resample_dead
 from universality import checkpoint
 from universality.config import SAEConfig
 from universality.errors import DataError, TrainingDiverged
+from universality.progress import bar as progress_bar
 
 INIT_SAMPLES = 16_384  # rows that set the input scale and the geometric-median b_dec
 LOG_POINTS = 100  # history rows per run (about every 1% of steps)
@@ -83,7 +83,7 @@ def train_sae(
     checkpoint_every = max(1, steps // CHECKPOINT_POINTS)
     source = itertools.chain(first, batches)
     collections.deque(itertools.islice(source, progress_state.consumed), maxlen=0)  # replay to the checkpoint
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"SAE {cfg.arch}", unit="step", leave=False)
+    bar = progress_bar(total=steps, initial=start, disable=not progress, desc=f"SAE {cfg.arch}", unit="step", leave=False)
 
     for step in range(start + 1, steps + 1):
         x_BD = next(source).to(device, torch.float32) * scale

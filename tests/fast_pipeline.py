@@ -20,9 +20,9 @@ def fast_cfg() -> ExperimentConfig:
 
 
 def run_fast(results: Path, seeds: list[int], cfg: ExperimentConfig | None = None, jobs: int = 1,
-             **engine) -> pipeline.RunResult:
+             progress: bool = False, **engine) -> pipeline.RunResult:
     """``pipeline.run`` on the fast config; ``jobs=1`` keeps it in this process (monkeypatches apply)."""
-    return pipeline.run(cfg or fast_cfg(), seeds, results, device="cpu", progress=False, engine=Engine(jobs=jobs, **engine))
+    return pipeline.run(cfg or fast_cfg(), seeds, results, device="cpu", progress=progress, engine=Engine(jobs=jobs, **engine))
 
 
 def stage_checksums(results: Path, stage: str, name: str) -> dict[str, str]:

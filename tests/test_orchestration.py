@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fast_pipeline import run_fast, stage_checksums
+from test_progress import check_reported
 
 from universality.errors import ConfigError
 from universality.orchestration import Engine, spread_devices
@@ -85,12 +86,14 @@ def dask_cluster():
 
 
 @pytest.mark.slow
-def test_dask_backend_on_a_local_cluster(sequential, dask_cluster, tmp_path):
+def test_dask_backend_on_a_local_cluster(sequential, dask_cluster, tmp_path, capsys):
     results, reference = sequential
-    on_dask = run_fast(tmp_path / "results", [0, 1], jobs=None, backend="dask", scheduler=dask_cluster.scheduler_address)
+    on_dask = run_fast(tmp_path / "results", [0, 1], jobs=None, progress=True, backend="dask",
+                       scheduler=dask_cluster.scheduler_address)
     for stage, name in BIT_IDENTICAL:
         assert stage_checksums(tmp_path / "results", stage, name) == stage_checksums(results, stage, name)
     assert_same_metrics(metrics(on_dask), metrics(reference))
+    check_reported(capsys.readouterr().err, list(on_dask.saes), ["seed0 vs seed1", "seed0 vs seed0-sae1"])
 
 
 @pytest.mark.slow

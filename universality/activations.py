@@ -14,13 +14,13 @@ from typing import Iterator
 import numpy as np
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
 from models.training import heldout_contexts
 from models.transformer import OneLayerTransformer
 from sae.base import SAE
 from universality.atomic import atomic_path
 from universality.correlation import to_csr
+from universality.progress import bar as progress_bar
 
 NEURONS, FEATURES, TOP_VALUES, TOP_POSITIONS = "neurons.npy", "features.npz", "top_values.npy", "top_positions.npy"
 CHUNK_ROWS = 8192  # tokens per streamed chunk
@@ -87,7 +87,7 @@ def record(model: OneLayerTransformer, sae: SAE, contexts: torch.Tensor, directo
     with atomic_path(directory / NEURONS) as tmp:
         neurons = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_tokens, d_mlp))
         row = 0
-        for batch in tqdm(contexts.split(batch_contexts), desc="held-out activations", leave=False):
+        for batch in progress_bar(contexts.split(batch_contexts), desc="held-out activations", leave=False):
             acts_NM = model(batch.to(device), return_mlp=True).mlp_acts.reshape(-1, d_mlp)
             neurons[row : row + len(acts_NM)] = acts_NM.cpu().numpy()
             features_NF = sae.encode(acts_NM).cpu()

@@ -4,7 +4,8 @@
 Tasks are plain functions of picklable arguments that write their outputs into the stage cache and
 return plain values (paths, metrics); the driving process loads and logs them, so workers never
 touch the tracking store. Each worker gets ``cores // jobs`` torch threads, so parallel seeds do
-not oversubscribe the CPU; with several GPUs, tasks are spread round-robin over them.
+not oversubscribe the CPU; with several GPUs, tasks are spread round-robin over them. Workers draw
+no progress bars: theirs become records that the driving process shows (``universality.progress``).
 
 With ``backend="dask"`` every worker must see the results folder at the same path: put it on a
 shared filesystem (NFS, Lustre, ...) and use an MLflow tracking server rather than a local file store.
@@ -15,11 +16,13 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import joblib
 import torch
 
+from universality import progress
 from universality.errors import ConfigError, UnivError
 
 BACKENDS = ("loky", "dask")
@@ -50,34 +53,40 @@ class Engine:
         return min(n_tasks, self.jobs or cores())
 
     def in_process(self, n_tasks: int) -> bool:
-        """Whether tasks run one after another in this process (then progress bars make sense)."""
+        """Whether tasks run one after another in this process (their bars draw on this terminal directly)."""
         return self.backend == "loky" and self.local_jobs(n_tasks) <= 1
 
-    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple]) -> list[Any]:
-        """``[fn(*task) for task in tasks]``, possibly in parallel; results in the order of ``tasks``."""
+    def map(self, fn: Callable[..., Any], tasks: Sequence[tuple], board: progress.Board | None = None) -> list[Any]:
+        """``[fn(*task) for task in tasks]``, possibly in parallel; results in the order of ``tasks``.
+        Workers report the progress of ``board``'s tasks (one label per task) to this process's terminal."""
         if self.in_process(len(tasks)):
             return [fn(*task) for task in tasks]
-        if self.backend == "dask":
-            return _map_dask(fn, tasks, self)
-        jobs = self.local_jobs(len(tasks))
-        threads = max(1, cores() // jobs)
-        return joblib.Parallel(n_jobs=jobs, backend="loky")(
-            joblib.delayed(_with_threads)(fn, task, threads) for task in tasks)
+        with progress.shown(board) as records:
+            calls = [(fn, task, records, i) for i, task in enumerate(tasks)]
+            if self.backend == "dask":
+                return _map_dask(calls, self)
+            jobs = self.local_jobs(len(tasks))
+            threads = max(1, cores() // jobs)
+            return joblib.Parallel(n_jobs=jobs, backend="loky")(joblib.delayed(_in_worker)(threads, *call) for call in calls)
 
-    def map_cached(self, fn: Callable[..., Any], tasks: Sequence[tuple], is_done: Callable[..., bool]) -> list[Any]:
+    def map_cached(self, fn: Callable[..., Any], tasks: Sequence[tuple], is_done: Callable[..., bool],
+                   board: progress.Board | None = None) -> list[Any]:
         """``map`` for cached stages: the tasks not yet done go through the engine (the work, maybe in
         parallel), then every task runs here, where it only looks its outputs up. No worker starts
         when everything is cached."""
-        self.map(fn, [task for task in tasks if not is_done(*task)])
+        todo = [i for i, task in enumerate(tasks) if not is_done(*task)]
+        self.map(fn, [tasks[i] for i in todo], board and board.only(todo))
         return [fn(*task) for task in tasks]
 
 
-def _with_threads(fn: Callable[..., Any], task: tuple, threads: int) -> Any:
+def _in_worker(threads: int, fn: Callable[..., Any], task: tuple, records: Path | None, index: int) -> Any:
+    """One task in a worker: its share of the cores, its bars written as records (or off)."""
     torch.set_num_threads(threads)
-    return fn(*task)
+    with progress.reporting(records, index):
+        return fn(*task)
 
 
-def _map_dask(fn: Callable[..., Any], tasks: Sequence[tuple], engine: Engine) -> list[Any]:
+def _map_dask(calls: Sequence[tuple], engine: Engine) -> list[Any]:
     from distributed import Client
 
     try:
@@ -87,8 +96,7 @@ def _map_dask(fn: Callable[..., Any], tasks: Sequence[tuple], engine: Engine) ->
     with client:
         threads = _dask_threads(client)
         with joblib.parallel_config(backend="dask"):
-            return joblib.Parallel(n_jobs=engine.jobs or -1)(
-                joblib.delayed(_with_threads)(fn, task, threads) for task in tasks)
+            return joblib.Parallel(n_jobs=engine.jobs or -1)(joblib.delayed(_in_worker)(threads, *call) for call in calls)
 
 
 def _dask_threads(client) -> int:

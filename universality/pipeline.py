@@ -38,6 +38,7 @@ from universality.corpus import load_corpus
 from universality.errors import UnivError, from_os_error
 from universality.orchestration import Engine, resolve_device, spread_devices
 from universality.pairs import PairResult, compare_runs, feature_logit_weights, load_pair, save_pair
+from universality.progress import Board
 from universality.tokenization import encode_documents, load_tokenizer, shuffled_documents, split_tokens, train_tokenizer
 
 DATA_VERSION = 1
@@ -294,6 +295,11 @@ class RunTask:
     results_dir: Path
     progress: bool
 
+    @property
+    def name(self) -> str:
+        """The run's name: "seed0" or "shuffled-seed0-1" (its progress line's label)."""
+        return f"seed{self.seed}" if self.shuffle_seed is None else f"shuffled-seed{self.seed}-{self.shuffle_seed}"
+
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -405,9 +411,8 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
         results_dir.mkdir(parents=True, exist_ok=True)
         dataset = prepare_data(cfg, results_dir)
         tasks = run_tasks(cfg, dataset, seeds, device, results_dir, progress)
-        if not engine.in_process(len(tasks)):  # bars from parallel workers would garble each other
-            tasks = [dataclasses.replace(task, progress=False) for task in tasks]
-        built = engine.map_cached(build_run, [(task,) for task in tasks], lambda task: is_cached(task, dataset))
+        built = engine.map_cached(build_run, [(task,) for task in tasks], lambda task: is_cached(task, dataset),
+                                  progress_board(results_dir, [task.name for task in tasks], progress))
         runs = {paths.name: load_run(paths, device) for paths in built}
         seed_names = [f"seed{s}" for s in seeds]
         pair_names = list(itertools.combinations(seed_names, 2))
@@ -415,12 +420,17 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
         if shuffled_names:
             pair_names.append(tuple(shuffled_names))
         compared = engine.map_cached(compare_pair, [(runs[a], runs[b], cfg, results_dir) for a, b in pair_names],
-                                     is_compared)
+                                     is_compared, progress_board(results_dir, [f"{a} vs {b}" for a, b in pair_names], progress))
     pairs, randomized = (compared[:-1], compared[-1]) if shuffled_names else (compared, None)
     models = {name: model for name, (model, _, _) in runs.items()}
     saes = {name: sae for name, (_, sae, _) in runs.items()}
     acts = {name: run_acts for name, (_, _, run_acts) in runs.items()}
     return RunResult(cfg, dataset, models, saes, acts, pairs, randomized, summarize(pairs, randomized, seed_names, cfg))
+
+
+def progress_board(results_dir: Path, labels: list[str], progress: bool) -> Board | None:
+    """Where parallel workers report the progress of tasks labelled ``labels`` (None: ``progress`` is off)."""
+    return Board(results_dir / "progress", labels) if progress else None
 
 
 def run_tasks(cfg: ExperimentConfig, dataset: Dataset, seeds: list[int], device: str, results_dir: Path,
