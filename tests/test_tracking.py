@@ -50,8 +50,7 @@ def check_run_structure(client: MlflowClient) -> None:
     assert parent.info.status == "FINISHED"
     assert parent.data.params["seeds"] == "0,1" and parent.data.params["sae.dict_size"] == "256"
     assert {"version.torch", "version.mlflow", "corpus.fingerprint"} <= set(parent.data.params)
-    assert parent.data.metrics["tracking_seconds"] > 0
-    assert "features.max_corr_median_mean" in parent.data.metrics
+    assert parent.data.metrics["tracking/seconds"] > 0
     digest = parent.inputs.dataset_inputs[0].dataset.digest
     assert parent.data.params["corpus.fingerprint"].startswith(digest)
     assert {"report/report.html", "report/universality.png", tracking.TABLES["matched"]} <= artifacts(client, parent.info.run_id)
@@ -67,8 +66,28 @@ def check_run_structure(client: MlflowClient) -> None:
     assert {"model/model.safetensors", "model/config.json", "tokenizer/tokenizer.json", "sae/cfg.json",
             "sae/sae_weights.safetensors", "figures/density_histogram.png"} <= artifacts(client, seed)
     pair = children["seed0-vs-seed1"]
-    assert -1 <= pair.data.metrics["features.max_corr_median"] <= 1
+    assert -1 <= pair.data.metrics["Universality/features_median_max_corr"] <= 1
     assert REPORT_FILES <= artifacts(client, pair.info.run_id)
+    check_metric_sections(client, parent, pair, ceiling="replicate-pair" in runs)
+
+
+HEADLINE_BASES = {f"Universality/{basis}_median_max_corr" for basis in ("features", "neurons", "rotated_neurons")}
+
+
+def check_metric_sections(client: MlflowClient, parent, pair, ceiling: bool) -> None:
+    """MLflow charts a run's metrics in sections named by the prefix before a "/": every metric has one;
+    the headline section sorts first and holds the few answers (the parent's are means over its pairs);
+    per-decile statistics are a table, not metrics."""
+    expected = {parent.info.run_id: HEADLINE_BASES | ({"Universality/ceiling_features_median_max_corr",
+                                                      "Universality/features_over_ceiling"} if ceiling else set()),
+                pair.info.run_id: HEADLINE_BASES}
+    for run_id, headline in expected.items():
+        names = set(client.get_run(run_id).data.metrics)
+        assert all("/" in name for name in names)
+        assert sorted(names)[0].startswith("Universality/") and {n for n in names if n.startswith("Universality/")} == headline
+        assert not [n for n in names if "decile" in n]
+        assert tracking.DECILES in artifacts(client, run_id)
+    assert parent.data.metrics["Universality/features_median_max_corr"] == pair.data.metrics["Universality/features_median_max_corr"]
 
 
 @pytest.mark.slow
@@ -161,6 +180,38 @@ def test_logging_is_batched_within_mlflow_limits():
 
 
 def test_metric_names_are_sanitized_and_non_scalars_skipped():
-    assert tracking.metric_name("features.frac_above_0.5 (x)=1") == "features.frac_above_0.5 _x__1"
+    assert tracking.metric_name("features.frac_above_0.5 (x)=1") == "thresholds/features_frac_above_0.5 _x__1"
     logged = tracking.metrics_from({"a": 1, "b": [1, 2], "c": {"x": 1}, "d": float("nan"), "e": True})
-    assert [m.key for m in logged] == ["a", "d"]
+    assert [m.key for m in logged] == ["other/a", "other/d"]
+
+
+def test_metric_names_put_the_answer_first_and_every_statistic_in_a_section():
+    names = {
+        "features.max_corr_median_mean": "Universality/features_median_max_corr",  # the mean over pairs
+        "features.max_corr_median": "Universality/features_median_max_corr",  # one pair's
+        "rotation.max_corr_median_mean": "Universality/rotated_neurons_median_max_corr",
+        "randomized.features.max_corr_median": "Universality/randomized_features_median_max_corr",
+        "ceiling.features.max_corr_median_mean": "Universality/ceiling_features_median_max_corr",
+        "ceiling_ratio.features.max_corr_median": "Universality/features_over_ceiling",
+        "features.max_corr_median_ci_low": "features/max_corr_median_ci_low",
+        "randomized.neurons.max_corr_mean": "randomized/neurons_max_corr_mean",
+        "ceiling.decoder.cos_hungarian_median_mean": "ceiling/decoder_cos_hungarian_median_mean",
+        "ceiling_ratio.features.max_corr_mean": "ceiling/ceiling_ratio_features_max_corr_mean",
+        "features.frac_above_0.5_mean": "thresholds/features_frac_above_0.5_mean",
+        "ceiling.decoder.frac_shared_above_0.7_std": "thresholds/ceiling_decoder_frac_shared_above_0.7_std",
+        "neurons.n_dead_a": "counts/neurons_n_dead_a",
+        "families.n_multi_run": "families/n_multi_run",
+        "seed0.frac_features_partnered_all_runs": "families/seed0_frac_features_partnered_all_runs",
+        "cka_mean": "similarity/cka_mean",
+        "randomized.svcca": "similarity/randomized_svcca",
+        "tracking.seconds": "tracking/seconds",
+        "transformer/eval_loss": "transformer/eval_loss",  # already named
+    }
+    assert {key: tracking.metric_name(key) for key in names} == names
+    values = {"features.decile3_max_corr_median_mean": 0.25, "features.decile0_max_corr_median_mean": 0.125,
+              "randomized.neurons.decile0_n": 7, "neurons.n_dead_a": 2, "features.max_corr_median_mean": 0.5}
+    assert [m.key for m in tracking.metrics_from(values)] == ["Universality/features_median_max_corr", "counts/neurons_n_dead_a"]
+    table = tracking.decile_table(values)
+    assert table.to_dict("records") == [
+        {"statistic": "features.max_corr_median_mean", "decile0": 0.125, "decile3": 0.25},
+        {"statistic": "randomized.neurons.n", "decile0": 7.0, "decile3": pytest.approx(float("nan"), nan_ok=True)}]

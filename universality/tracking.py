@@ -42,6 +42,7 @@ METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PARAMS_PER_BATCH = 100
 TABLES = {"matched": "tables/matched_features.parquet", "families": "tables/matched_features.families.parquet"}
 HEALTH_TIMEOUT_S = 5
+DECILES = "tables/deciles.json"  # a parent's and each pair's statistics by feature-density decile
 
 
 def embedded_uri(results_dir: Path) -> str:
@@ -82,19 +83,62 @@ def experiment_id(client: MlflowClient, name: str, results_dir: Path) -> str:
                                     tags={"mlflow.experimentKind": "custom_model_development"})
 
 
+# MLflow's UI groups a run's charts into sections by the name's prefix before a "/", in code-point
+# order: the capitalized headline section comes before every lowercase one.
+HEADLINE = "Universality"
+HEADLINE_NAMES = {  # internal key -> its name in the headline section
+    **{f"{basis}.max_corr_median{over_pairs}": f"{HEADLINE}/{name}_median_max_corr"
+       for basis, name in (("features", "features"), ("neurons", "neurons"), ("rotation", "rotated_neurons"))
+       for over_pairs in ("", "_mean")},  # a pair's statistic; on the parent, its mean over pairs
+    "randomized.features.max_corr_median": f"{HEADLINE}/randomized_features_median_max_corr",
+    "ceiling.features.max_corr_median_mean": f"{HEADLINE}/ceiling_features_median_max_corr",
+    "ceiling_ratio.features.max_corr_median": f"{HEADLINE}/features_over_ceiling",
+}
+SECTION_RULES = (  # (pattern in an internal key, its section); the first match wins, else the key's first part
+    (re.compile(r"^families\.|frac_features_partnered"), "families"),
+    (re.compile(r"(^|\.)frac_(\w+_)?above_"), "thresholds"),
+    (re.compile(r"(^|\.)n_"), "counts"),
+    (re.compile(r"(^|\.)(cka|svcca)"), "similarity"),
+    (re.compile(r"^ceiling_ratio\."), "ceiling"),
+)
+DECILE = re.compile(r"(^|\.)decile(\d+)_")  # per-density-decile statistics: logged as a table, not as metrics
+_NAME_DOT = re.compile(r"(?<!\d)\.|\.(?!\d)")  # dots between names, not decimal points ("frac_above_0.5")
 _BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 
 def metric_name(key: str) -> str:
-    """MLflow metric names allow letters, digits, ``_-./`` and spaces; anything else becomes ``_``."""
+    """The MLflow name of an internal key (a dotted statistic such as ``features.max_corr_mean_mean``):
+    ``section/name``. The headline numbers get a small first section of their own; the rest go by
+    what they are (thresholds, counts, similarity, families) or by basis or scope (features, neurons,
+    rotation, randomized, ceiling, decoder). A key with a "/" is already named. MLflow allows letters,
+    digits, ``_-./`` and spaces; anything else becomes ``_``."""
+    if "/" not in key:
+        section = next((s for pattern, s in SECTION_RULES if pattern.search(key)), key.split(".")[0] if "." in key else "other")
+        name = key.removeprefix(f"{section}.")
+        key = HEADLINE_NAMES.get(key, f"{section}/{_NAME_DOT.sub('_', name)}")
     return _BAD_METRIC_CHARS.sub("_", key)
 
 
 def metrics_from(values: Mapping[str, float], prefix: str = "", step: int = 0) -> list[Metric]:
-    """Scalar entries of ``values`` as Metrics (lists, dicts and strings are left out)."""
+    """Scalar entries of ``values`` as Metrics sorted by name, the headline first (lists, dicts, strings
+    and per-decile statistics are left out)."""
     now = int(time.time() * 1000)
-    return [Metric(metric_name(prefix + k), float(v), now, step) for k, v in values.items()
-            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)]
+    metrics = [Metric(metric_name(prefix + k), float(v), now, step) for k, v in values.items()
+               if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and not DECILE.search(k)]
+    return sorted(metrics, key=lambda m: m.key)
+
+
+def decile_table(values: Mapping[str, float]) -> pd.DataFrame:
+    """The per-density-decile statistics among ``values`` as a table: a row per statistic (its key without
+    the decile), a column per decile (``decile0`` ... ``decile9``)."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in values.items():
+        found = DECILE.search(key)
+        if found:
+            statistic = key[: found.start()] + found.group(1) + key[found.end() :]
+            rows.setdefault(statistic, {})[f"decile{found.group(2)}"] = float(value)
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    return table[sorted(table.columns, key=lambda c: int(c.removeprefix("decile")))].rename_axis("statistic").reset_index()
 
 
 def curves(history: Sequence[Mapping[str, float]], prefix: str, extra: Mapping[str, float] | None = None) -> list[Metric]:
@@ -178,11 +222,18 @@ class Tracker:
                 folder / "report")), "report")
         dataset = result.dataset
         _log_dataset(self.client, self.run_id, dataset.corpus_source, dataset.corpus_fingerprint)
-        self.log(self.run_id, metrics_from(result.summary),
-                 params={"corpus.source": dataset.corpus_source, "corpus.fingerprint": dataset.corpus_fingerprint},
-                 tags={"univ.data_dir": str(dataset.directory)})
+        self._log_statistics(self.run_id, result.summary,
+                             params={"corpus.source": dataset.corpus_source, "corpus.fingerprint": dataset.corpus_fingerprint},
+                             tags={"univ.data_dir": str(dataset.directory)})
         self.seconds += time.perf_counter() - start
-        self.log(self.run_id, metrics_from({"tracking_seconds": self.seconds}))
+        self.log(self.run_id, metrics_from({"tracking.seconds": self.seconds}))
+
+    def _log_statistics(self, run_id: str, values: Mapping[str, float], **extra) -> None:
+        """Statistics under their MLflow names (``metric_name``); the per-decile ones as the table ``DECILES``."""
+        self.log(run_id, metrics_from(values), **extra)
+        deciles = decile_table(values)
+        if len(deciles):
+            self.client.log_table(run_id, deciles, DECILES)
 
     def _log_model_run(self, result, name: str, folder: Path) -> None:
         model, sae = result.models[name], result.saes[name]
@@ -214,7 +265,7 @@ class Tracker:
 
     def _log_pair(self, pair, kind: str, folder: Path) -> None:
         run_id = self.child(_pair_name(pair), kind, {"univ.run_a": pair.run_a, "univ.run_b": pair.run_b})
-        self.log(run_id, metrics_from(pair.stats))
+        self._log_statistics(run_id, pair.stats)
         self.client.log_artifacts(run_id, str(folder), "report")
         self.finish(run_id)
 
