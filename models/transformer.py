@@ -119,6 +119,7 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
-def cross_entropy(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats): position t predicts token t + 1."""
-    return F.cross_entropy(logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]), tokens_BT[:, 1:].reshape(-1))
+def cross_entropy(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, first_position: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats): position t predicts token t + 1, for t >= ``first_position``."""
+    logits = logits_BTV[:, first_position:-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens_BT[:, first_position + 1 :].reshape(-1))

@@ -11,7 +11,11 @@ from torch import Tensor
 
 from models.transformer import cross_entropy
 from sae.base import SAE
+from universality.comparison import compare
+from universality.config import CompareConfig
+from universality.correlation import to_csr
 from universality.errors import DataError
+from universality.similarity import decoder_statistics
 from universality.statistics import ULTRALOW_DENSITY  # the paper's cut: rarer than 1 in a million
 
 DENSE_DENSITY = 0.1  # fires on more than 10% of tokens: λ is probably too low
@@ -64,9 +68,12 @@ def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor]) -> dict[str, An
 @torch.no_grad()
 def loss_recovered(
     model: torch.nn.Module, sae: SAE, token_batches: Iterable[Tensor], device: str | torch.device,
+    first_position: int = 0,
 ) -> dict[str, float]:
     """Cross-entropy with clean MLP neurons, with the SAE's reconstruction spliced in, and with the
-    MLP zero-ablated; loss recovered = 1 − (CE_sae − CE_clean) / (CE_zero − CE_clean)."""
+    MLP zero-ablated; loss recovered = 1 − (CE_sae − CE_clean) / (CE_zero − CE_clean). Predictions
+    made before ``first_position`` are left out (in a one-layer model the MLP output at a position
+    reaches only that position's logits, so splicing there changes nothing else)."""
 
     def splice(acts_BTM: Tensor) -> Tensor:
         return sae(acts_BTM.reshape(-1, acts_BTM.shape[-1])).x_hat.reshape(acts_BTM.shape)
@@ -75,9 +82,10 @@ def loss_recovered(
     n_tokens = 0
     for batch in token_batches:
         tokens_BT = torch.as_tensor(batch, dtype=torch.long).to(device)
-        weight = tokens_BT.shape[0] * (tokens_BT.shape[1] - 1)  # predicted positions in this batch
+        weight = tokens_BT.shape[0] * (tokens_BT.shape[1] - 1 - first_position)  # predicted positions in this batch
         for key, hook in (("ce_clean", None), ("ce_sae", splice), ("ce_zero_ablation", torch.zeros_like)):
-            totals[key] += weight * float(cross_entropy(model(tokens_BT, mlp_hook=hook).logits, tokens_BT))
+            logits = model(tokens_BT, mlp_hook=hook).logits
+            totals[key] += weight * float(cross_entropy(logits, tokens_BT, first_position))
         n_tokens += weight
     if n_tokens == 0:
         raise DataError("no token batches to measure loss recovered on")
@@ -85,3 +93,21 @@ def loss_recovered(
     gap = ce["ce_zero_ablation"] - ce["ce_clean"]
     ce["loss_recovered"] = 1 - (ce["ce_sae"] - ce["ce_clean"]) / gap if gap != 0 else float("nan")
     return ce
+
+
+@torch.no_grad()
+def convergence(final: SAE, earlier: SAE, activation_batches: Iterable[Tensor], cfg: CompareConfig) -> dict[str, float]:
+    """How much the dictionary still moved late in training: each feature of the ``final`` SAE matched to
+    the ``earlier`` one (e.g. at 75% of training) by activation correlation on held-out activations,
+    and by decoder cosine (one-to-one). 1 for an SAE that stopped moving; low for unrelated SAEs."""
+    def chunks():
+        for batch in activation_batches:
+            x_BD = batch.to(final.W_dec.device, torch.float32)
+            yield to_csr(final.encode(x_BD).cpu()), to_csr(earlier.encode(x_BD).cpu())
+
+    result = compare(chunks(), cfg)
+    decoder = decoder_statistics(final.W_dec.detach().cpu().numpy(), earlier.W_dec.detach().cpu().numpy(),
+                                 result.census_a.included, result.census_b.included)
+    return {"convergence_corr_median": result.stats["max_corr_median"],
+            "convergence_corr_mean": result.stats["max_corr_mean"],
+            "convergence_decoder_cos_median": decoder["cos_hungarian_median"]}

@@ -107,7 +107,30 @@ def test_changing_an_sae_setting_retrains_saes_not_transformers(results, monkeyp
     forbid(monkeypatch, "train_transformer")
     saes = record_calls(monkeypatch, "train_sae")
     run_fast(results, [0, 1], fast_cfg().replace(sae={"lr": 1e-3}))
-    assert len(saes) == 2
+    assert len(saes) == 3  # one per seed and the replicate of seed 0's
+
+
+def test_adding_sae_replicates_trains_only_the_new_saes(results, monkeypatch):
+    forbid(monkeypatch, "train_transformer")
+    saes = record_calls(monkeypatch, "train_sae")
+    compared = record_calls(monkeypatch, "compare_runs")
+    result = run_fast(results, [0, 1], fast_cfg().replace(sae={"replicates": 2}))
+    assert len(saes) == 1  # replicate 2 only: replicate 1 and the seeds' own SAEs are cached
+    assert sorted((args[0], args[3]) for args in compared) == [("seed0", "seed0-sae2"), ("seed0-sae1", "seed0-sae2")]
+    assert [(p.run_a, p.run_b) for p in result.replicate_pairs] == [
+        ("seed0", "seed0-sae1"), ("seed0", "seed0-sae2"), ("seed0-sae1", "seed0-sae2")]
+    assert result.summary["ceiling.features.max_corr_median_n"] == 3
+
+
+@pytest.mark.parametrize("compare", [{"tokens": 2048}, {"skip_first_positions": 0}, {"skip_first_positions": 3}])
+def test_comparison_settings_re_evaluate_but_never_retrain(results, monkeypatch, compare):
+    forbid(monkeypatch, "train_transformer", "train_sae")
+    evaluated = record_calls(monkeypatch, "evaluate_sae")
+    result = run_fast(results, [0, 1], fast_cfg().replace(compare=compare))
+    assert len(evaluated) == 3 and result.summary["ceiling.features.max_corr_median_n"] == 1
+    tokens = compare.get("tokens", 4096)
+    per_context = fast_cfg().data.ctx_len - compare.get("skip_first_positions", 1)
+    assert result.saes["seed0"].metrics["tokens"] == tokens // fast_cfg().data.ctx_len * per_context
 
 
 def test_corrupted_cache_entry_is_recomputed_to_the_same_result(results):
@@ -127,7 +150,7 @@ def test_cache_ls_and_clear_commands(results):
     assert "transformer seed0" in listed.output and "SAE of seed1" in listed.output
     assert "held-out activations of seed0" in listed.output and "seed0 vs seed1" in listed.output
     cleared = runner.invoke(main, ["cache", "clear", "--stage", "sae", "--results-dir", str(results)])
-    assert cleared.exit_code == 0 and "removed 2" in cleared.output
+    assert cleared.exit_code == 0 and "removed 3" in cleared.output
     assert cache.entries(results, "sae") == [] and len(cache.entries(results, "model")) == 2
     bad = runner.invoke(main, ["cache", "clear", "--stage", "nope", "--results-dir", str(results)])
     assert bad.exit_code != 0

@@ -33,8 +33,12 @@ def test_export_round_trips_with_documented_columns(tracked_tiny, tmp_path, fmt)
     pd.testing.assert_frame_equal(back, matched)
     pd.testing.assert_frame_equal(back_families, families)
     assert {c: str(t) for c, t in back.dtypes.items()} == export.MATCHED_COLUMNS
-    assert len(matched) == 2 * 256  # both directions of the one pair of 256-feature SAEs
-    assert set(matched.seed_a) == {0, 1} and (matched.seed_a != matched.seed_b).all()
+    cross, same = matched[~matched.same_model], matched[matched.same_model]
+    assert len(cross) == 2 * 256  # both directions of the one pair of 256-feature SAEs
+    assert set(cross.seed_a) == {0, 1} and (cross.seed_a != cross.seed_b).all() and (cross.sae_a == 0).all()
+    assert len(same) == 2 * 256  # and of seed 0's SAE with its replicate: the ceiling, marked as such
+    assert (same.seed_a == 0).all() and (same.seed_b == 0).all() and set(zip(same.sae_a, same.sae_b)) == {(0, 1), (1, 0)}
+    assert (same.family[same.sae_a == 1] == -1).all()  # families link features across models only
     assert len(families) > 0 and (families["size"] >= 2).all()
     first = families.iloc[0]
     rows = matched[matched.family == first.family]

@@ -20,6 +20,7 @@ from universality.matching import Matching
 
 RunPair = tuple[int, int]
 FAMILY_MIN_CORR = 0.5  # mutual matches above this correlation link features into a family
+MIN_SEEDS_FOR_INTERVAL = 3  # seeds a bootstrap interval needs (below, none is given)
 
 
 def _n_features(matchings: Mapping[RunPair, Matching]) -> dict[int, int]:
@@ -115,23 +116,21 @@ def resampled_means(values: np.ndarray, pair_units: Sequence[tuple[int, ...]], c
 
 def summarize(values: Sequence[float], pair_units: Sequence[tuple[int, ...]], n_units: int, n_bootstrap: int,
               seed: int = 0, level: float = 0.95) -> dict[str, float]:
-    """Mean and sample std of a per-pair statistic over pairs, and a percentile bootstrap interval of
-    the mean that respects the design: pairs share seeds, so seeds (not pairs) are resampled and the
+    """Mean and sample std of a per-pair statistic over pairs, and (from 3 seeds on) a percentile
+    bootstrap interval of the mean that respects the design: pairs share seeds, so seeds (not pairs) are resampled and the
     mean is recomputed over the pairs among the drawn seeds (``resampled_means``)."""
     x = np.asarray(values, np.float64)
     present = x[~np.isnan(x)]
     if present.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    summary = {"mean": float(present.mean()), "std": float(present.std(ddof=1)) if present.size > 1 else 0.0,
+               "n": int(present.size)}
+    if len({unit for units in pair_units for unit in units}) < MIN_SEEDS_FOR_INTERVAL:
+        return summary  # the resamples of two seeds hold one pair or none: no interval to speak of
     means = resampled_means(x, pair_units, unit_counts(n_units, n_bootstrap, seed))
     means = means[~np.isnan(means)]
     tail = (1 - level) / 2
-    return {
-        "mean": float(present.mean()),
-        "std": float(present.std(ddof=1)) if present.size > 1 else 0.0,
-        "ci_low": float(np.quantile(means, tail)),
-        "ci_high": float(np.quantile(means, 1 - tail)),
-        "n": int(present.size),
-    }
+    return summary | {"ci_low": float(np.quantile(means, tail)), "ci_high": float(np.quantile(means, 1 - tail))}
 
 
 def summarize_pairs(pair_stats: Sequence[Mapping[str, float]], pair_units: Sequence[tuple[int, ...]], n_units: int,

@@ -1,7 +1,8 @@
 """Held-out activations of one run, recorded once and read by every pair it belongs to.
 
 One forward pass over the shared held-out contexts gives the MLP neurons (stored dense,
-memory-mapped) and, through the run's SAE, its features (stored sparse: mostly zeros).
+memory-mapped) and, through the run's SAE, its features (stored sparse: mostly zeros), at every
+position but the first ``compare.skip_first_positions`` of each context.
 Pairs then stream row chunks of both runs' files: the same tokens, in the same order.
 """
 
@@ -40,7 +41,7 @@ class HeldoutActivations:
 
     def top_examples(self) -> tuple[np.ndarray, np.ndarray]:
         """Each feature's top activations [F, k] (descending) and their token positions [F, k]
-        in the comparison tokens (-1 where a feature fired on fewer than k tokens)."""
+        in the flat comparison tokens (-1 where a feature fired on fewer than k tokens)."""
         return np.load(self.directory / TOP_VALUES), np.load(self.directory / TOP_POSITIONS)
 
 
@@ -75,12 +76,31 @@ def eval_contexts(heldout: np.ndarray, ctx_len: int, n_tokens: int) -> torch.Ten
     return contexts[: max(1, n_tokens // ctx_len)]
 
 
+def token_positions(rows: np.ndarray, ctx_len: int, skip: int) -> np.ndarray:
+    """Stored row -> position in the flat comparison tokens, when the first ``skip`` positions of every
+    context are not stored (-1 stays -1)."""
+    kept = ctx_len - skip
+    positions = (rows // kept) * ctx_len + skip + rows % kept
+    return np.where(rows >= 0, positions, -1)
+
+
+def single_position(top_positions: np.ndarray, ctx_len: int) -> np.ndarray:
+    """[F] bool: features whose top activations (two or more) all sit at one position of their contexts,
+    e.g. "the first token of a context": real, but about position, not content."""
+    valid = top_positions >= 0
+    in_context = np.where(valid, top_positions % ctx_len, -1)
+    first = in_context.max(axis=1, keepdims=True)  # any valid entry's position, when all agree
+    return (valid.sum(axis=1) >= 2) & ((in_context == first) | ~valid).all(axis=1)
+
+
 @torch.no_grad()
 def record(model: OneLayerTransformer, sae: SAE, contexts: torch.Tensor, directory: Path, device: str,
-           top_k: int, batch_contexts: int = 64) -> HeldoutActivations:
+           top_k: int, skip: int = 0, batch_contexts: int = 64) -> HeldoutActivations:
     """Run ``model`` over ``contexts`` once; write its neurons, its SAE features and, for every
-    feature, its ``top_k`` activating token positions (kept while streaming, no second pass)."""
-    n_tokens = contexts.numel()
+    feature, its ``top_k`` activating token positions (kept while streaming, no second pass).
+    The first ``skip`` positions of every context are left out of all three."""
+    n_ctx, ctx_len = contexts.shape
+    n_tokens = n_ctx * (ctx_len - skip)
     d_mlp = model.cfg.d_mlp
     feature_chunks = []
     top = StreamingTopK(sae.d_sae, top_k)
@@ -88,7 +108,7 @@ def record(model: OneLayerTransformer, sae: SAE, contexts: torch.Tensor, directo
         neurons = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_tokens, d_mlp))
         row = 0
         for batch in progress_bar(contexts.split(batch_contexts), desc="held-out activations", leave=False):
-            acts_NM = model(batch.to(device), return_mlp=True).mlp_acts.reshape(-1, d_mlp)
+            acts_NM = model(batch.to(device), return_mlp=True).mlp_acts[:, skip:].reshape(-1, d_mlp)
             neurons[row : row + len(acts_NM)] = acts_NM.cpu().numpy()
             features_NF = sae.encode(acts_NM).cpu()
             feature_chunks.append(to_csr(features_NF))
@@ -99,7 +119,8 @@ def record(model: OneLayerTransformer, sae: SAE, contexts: torch.Tensor, directo
     with atomic_path(directory / FEATURES) as tmp:
         with open(tmp, "wb") as f:
             sp.save_npz(f, sp.vstack(feature_chunks, format="csr"))
-    for name, array in zip((TOP_VALUES, TOP_POSITIONS), top.result()):
+    top_values, top_rows = top.result()
+    for name, array in ((TOP_VALUES, top_values), (TOP_POSITIONS, token_positions(top_rows, ctx_len, skip))):
         with atomic_path(directory / name) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, array)

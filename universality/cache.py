@@ -30,7 +30,7 @@ from universality.atomic import write_text
 DONE = "done.json"
 LOCK = ".lock"
 SCRATCH = "resume"  # a stage's resumable training checkpoints: not part of its output
-STAGES = ("data", "model", "sae", "activations", "pair")
+STAGES = ("data", "model", "sae", "evaluation", "activations", "pair")
 _HASH_CHUNK = 1 << 22
 _verified: dict[Path, tuple] = {}  # stage folder -> stat signature of its files when their hashes last matched
 _locked_at: dict[Path, float] = {}  # stage folder -> when this process took its lock (build time in done.json)

@@ -25,7 +25,7 @@ from universality.atomic import atomic_path, write_text
 from universality.comparison import PairComparison, compare
 from universality.config import CompareConfig
 from universality.matching import NO_PARTNER, Matching
-from universality.similarity import linear_cka, logit_weight_similarity, svcca
+from universality.similarity import decoder_statistics, linear_cka, logit_weight_similarity, svcca
 from universality.statistics import excess_statistics, random_rotation
 
 BASES = ("features", "neurons", "rotation")
@@ -40,7 +40,7 @@ class PairResult:
     stats: dict[str, float]  # flat and loggable: "features.max_corr_median", "neurons.frac_above_0.5", "cka", ...
     table: pd.DataFrame  # one row per SAE feature of A: partners, correlations, densities, logit_corr
     matching: Matching  # of the SAE features
-    max_corr: dict[str, np.ndarray]  # basis -> [F_A] max correlation with B (NaN where excluded)
+    max_corr: dict[str, np.ndarray]  # basis -> [F_A] max correlation with B (NaN where excluded); features only for same-model pairs
     top_block: np.ndarray  # [k, k] correlations of A's top matched features with their partners
     directory: Path | None = None  # the cached comparison's folder, once saved
 
@@ -56,21 +56,28 @@ def feature_logit_weights(model: OneLayerTransformer, sae: SAE) -> np.ndarray:
 def compare_runs(
     run_a: str, acts_a: HeldoutActivations, logits_a: np.ndarray,
     run_b: str, acts_b: HeldoutActivations, logits_b: np.ndarray,
-    cfg: CompareConfig, rotation_seed: int,
+    cfg: CompareConfig, rotation_seed: int, decoders: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> PairResult:
-    """Compare A and B in every basis; ``logits_*`` are ``feature_logit_weights`` of each run."""
-    neurons_a, neurons_b = acts_a.neurons(), acts_b.neurons()
-    rotation = random_rotation(neurons_b.shape[1], rotation_seed).astype(np.float32)
-    results: dict[str, PairComparison] = {
-        "features": compare(paired_chunks(acts_a.features(), acts_b.features()), cfg),
-        "neurons": compare(paired_chunks(neurons_a, neurons_b), cfg),
-        "rotation": compare(paired_chunks(neurons_a, neurons_b, lambda chunk: chunk @ rotation), cfg),
-    }
+    """Compare A and B in every basis; ``logits_*`` are ``feature_logit_weights`` of each run.
+
+    ``decoders`` (A's and B's ``W_dec``) marks two SAEs of one model: their neurons are the same, so
+    only features are compared, and their decoder vectors too (one neuron space: cosines mean something).
+    """
+    results: dict[str, PairComparison] = {"features": compare(paired_chunks(acts_a.features(), acts_b.features()), cfg)}
+    if decoders is None:
+        neurons_a, neurons_b = acts_a.neurons(), acts_b.neurons()
+        rotation = random_rotation(neurons_b.shape[1], rotation_seed).astype(np.float32)
+        results["neurons"] = compare(paired_chunks(neurons_a, neurons_b), cfg)
+        results["rotation"] = compare(paired_chunks(neurons_a, neurons_b, lambda chunk: chunk @ rotation), cfg)
     stats = {f"{basis}.{key}": value for basis, r in results.items() for key, value in r.stats.items()}
     max_corr = {basis: r.matching.best_b_corr for basis, r in results.items()}
-    stats.update({f"neurons.{k}": v for k, v in excess_statistics(max_corr["neurons"], max_corr["rotation"]).items()})
-    for basis in ("neurons", "rotation"):
-        stats[f"features.excess_over_{basis}"] = stats["features.max_corr_mean"] - stats[f"{basis}.max_corr_mean"]
+    if decoders is None:
+        stats.update({f"neurons.{k}": v for k, v in excess_statistics(max_corr["neurons"], max_corr["rotation"]).items()})
+        for basis in ("neurons", "rotation"):
+            stats[f"features.excess_over_{basis}"] = stats["features.max_corr_mean"] - stats[f"{basis}.max_corr_mean"]
+    else:
+        census_a, census_b = results["features"].census_a, results["features"].census_b
+        stats.update({f"decoder.{k}": v for k, v in decoder_statistics(*decoders, census_a.included, census_b.included).items()})
 
     matching = results["features"].matching
     table = results["features"].table()
@@ -82,9 +89,10 @@ def compare_runs(
     mutual_a, _ = matching.mutual_pairs()
     stats["features.logit_corr_median_mutual"] = float(np.median(logit_corr[mutual_a])) if mutual_a.size else float("nan")
 
-    sample_a = np.asarray(neurons_a[:SIMILARITY_TOKENS], np.float64)
-    sample_b = np.asarray(neurons_b[:SIMILARITY_TOKENS], np.float64)
-    stats["cka"], stats["svcca"] = linear_cka(sample_a, sample_b), svcca(sample_a, sample_b)
+    if decoders is None:
+        sample_a = np.asarray(neurons_a[:SIMILARITY_TOKENS], np.float64)
+        sample_b = np.asarray(neurons_b[:SIMILARITY_TOKENS], np.float64)
+        stats["cka"], stats["svcca"] = linear_cka(sample_a, sample_b), svcca(sample_a, sample_b)
     return PairResult(run_a, run_b, stats, table, matching, max_corr, _top_block(results["features"].corr, matching))
 
 
@@ -111,7 +119,7 @@ def load_pair(directory: Path) -> PairResult:
     meta = json.loads((directory / "pair.json").read_text())
     with np.load(directory / "arrays.npz") as arrays:
         matching = Matching(**{k[len("matching_"):]: arrays[k] for k in arrays.files if k.startswith("matching_")})
-        max_corr = {basis: arrays[f"max_corr_{basis}"] for basis in BASES}
+        max_corr = {basis: arrays[f"max_corr_{basis}"] for basis in BASES if f"max_corr_{basis}" in arrays.files}
         top_block = arrays["top_block"]
     table = pd.read_parquet(directory / "table.parquet")
     return PairResult(meta["run_a"], meta["run_b"], meta["stats"], table, matching, max_corr, top_block, directory)

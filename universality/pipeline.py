@@ -1,12 +1,17 @@
 """The experiment as a sequence of stages, each a plain function from inputs to outputs:
 
-corpus -> tokens (prepare_data) -> models (train_model) -> SAEs (fit_sae) -> comparisons
-(compare_pair, summarize) -> tracking/export.
+corpus -> tokens (prepare_data) -> models (train_model) -> SAEs (fit_sae) -> their evaluation
+(evaluate) -> held-out activations (record_activations) -> comparisons (compare_pair, summarize)
+-> tracking/export.
 
 Every stage writes into its own content-addressed cache folder (see ``universality.cache``),
 so re-running with the same inputs reuses finished work. The per-run stages (train_model or
-shuffle_model -> fit_sae -> record_activations) of different runs are independent: ``build_run``
-does them for one run and ``universality.orchestration`` runs several at once.
+shuffle_model -> fit_sae -> evaluate -> record_activations) of different runs are independent:
+``build_run`` does them for one run and ``universality.orchestration`` runs several at once.
+
+Besides one SAE per seed, a run fits replicate SAEs (``sae.replicates``) on the same transformer,
+differing only in the SAE's seed: their pairs are the within-model ceiling that every
+cross-model number is read against.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from models.training import TrainingResult, heldout_contexts, ngram_baselines, t
 from models.transformer import OneLayerTransformer, TransformerConfig
 from sae.activations import model_activations, shuffled_batches
 from sae.base import SAE
-from sae.checkpoint import load_sae, save_sae
-from sae.evaluation import evaluate_sae, loss_recovered
+from sae.checkpoint import load_sae, load_snapshot, save_sae
+from sae.evaluation import convergence, evaluate_sae, loss_recovered
 from sae.training import train_sae
 from universality import activations, cache
 from universality.across_seeds import FAMILY_MIN_CORR, feature_families, included_features, partner_counts, summarize_pairs
@@ -43,10 +48,12 @@ from universality.tokenization import encode_documents, load_tokenizer, shuffled
 
 DATA_VERSION = 1
 MODEL_VERSION = 2  # 2: LayerNorm with thread-count-independent gradients
-SAE_VERSION = 1
-ACTIVATIONS_VERSION = 2
-PAIR_VERSION = 2  # 2: logit weights through the final LayerNorm's centring; signed features fire when nonzero
+SAE_VERSION = 2  # 2: training only (its evaluation is the evaluation stage); replicates
+EVALUATION_VERSION = 1
+ACTIVATIONS_VERSION = 3  # 3: the first compare.skip_first_positions of each context left out
+PAIR_VERSION = 3  # 3: same-model (replicate) pairs compare features and decoder vectors
 SAE_EVAL_BATCH_CONTEXTS = 32
+REPLICATE_SEED_STRIDE = 1_000_003  # replicate r of a model seeded s trains with SAE seed s + r * stride
 
 
 @dataclass(frozen=True)
@@ -87,13 +94,15 @@ class RunModel:
 class RunSAE:
     """The SAE fitted on one run's MLP activations, and its evaluation."""
 
-    name: str
+    name: str  # the run's name: "seed0", or "seed0-sae1" for replicate 1 of seed 0's model
     directory: Path
     key: str
     sae: SAE
     history: list[dict]
     resampling_events: list[dict]
-    metrics: dict  # evaluate_sae + loss_recovered on the held-out tokens
+    replicate: int = 0  # 0: the run's SAE; r > 0: an extra SAE of the same model with another SAE seed
+    metrics: dict = dataclasses.field(default_factory=dict)  # the evaluation stage's: evaluate_sae, loss recovered, convergence
+    evaluation: Path | None = None  # the evaluation stage's folder
 
 
 @dataclass(frozen=True)
@@ -106,8 +115,9 @@ class RunResult:
     saes: dict[str, RunSAE]
     activations: dict[str, activations.HeldoutActivations]  # each run's, on the comparison tokens
     pairs: list[PairResult]  # every pair of seeds
+    replicate_pairs: list[PairResult]  # every pair of SAEs of one model: the within-model ceiling
     randomized: PairResult | None  # the two weight-shuffled controls, when enabled
-    summary: dict[str, float]  # statistics over all pairs (mean, std, CI), families
+    summary: dict[str, float]  # statistics over all pairs (mean, std, CI), the ceiling, families
 
 
 def prepare_data(cfg: ExperimentConfig, results_dir: Path) -> Dataset:
@@ -164,14 +174,26 @@ def shuffled_key(base_key: str, shuffle_seed: int) -> str:
     return cache.stage_key("shuffled", MODEL_VERSION, model=base_key, shuffle_seed=shuffle_seed)
 
 
-def sae_key(model_key: str, cfg: ExperimentConfig) -> str:
-    """The SAE's training config and model; the evaluation tokens too, since its metrics depend on them."""
-    return cache.stage_key("sae", SAE_VERSION, model=model_key, sae=dataclasses.asdict(cfg.sae), eval_tokens=cfg.compare.tokens)
+def sae_seed(model_seed: int, replicate: int) -> int:
+    """Replicate 0 (the run's SAE) is seeded by its model's seed; replicate r by a seed of its own."""
+    return model_seed + REPLICATE_SEED_STRIDE * replicate
+
+
+def sae_key(model_key: str, cfg: ExperimentConfig, replicate: int = 0) -> str:
+    """The model, the SAE's training fields and its replicate index: nothing about evaluation or comparison,
+    and not how many replicates a run asks for (adding replicates retrains no existing SAE)."""
+    return cache.stage_key("sae", SAE_VERSION, model=model_key, sae=cfg.sae.training_fields(), replicate=replicate)
+
+
+def evaluation_key(dataset: Dataset, sae_key: str, cfg: ExperimentConfig) -> str:
+    return cache.stage_key("evaluation", EVALUATION_VERSION, sae=sae_key, data=dataset.key, tokens=cfg.compare.tokens,
+                           skip_first_positions=cfg.compare.skip_first_positions)
 
 
 def activations_key(dataset: Dataset, sae_key: str, cfg: ExperimentConfig) -> str:
     return cache.stage_key("activations", ACTIVATIONS_VERSION, sae=sae_key, tokens=cfg.compare.tokens,
-                           top_k=cfg.compare.top_k_examples, data=dataset.key)
+                           top_k=cfg.compare.top_k_examples, data=dataset.key,
+                           skip_first_positions=cfg.compare.skip_first_positions)
 
 
 def train_model(dataset: Dataset, cfg: ExperimentConfig, seed: int, device: str, results_dir: Path, progress: bool = True) -> RunModel:
@@ -234,38 +256,74 @@ def shuffle_model(base: RunModel, shuffle_seed: int, results_dir: Path, device: 
 
 
 def fit_sae(dataset: Dataset, run: RunModel, cfg: ExperimentConfig, device: str, results_dir: Path,
-            progress: bool = True) -> RunSAE:
-    """Fit (or reuse) an SAE on ``run``'s MLP activations over the training tokens, then evaluate it
-    on the held-out tokens: reconstruction, sparsity, densities and loss recovered."""
-    key = sae_key(run.key, cfg)
+            replicate: int = 0, progress: bool = True) -> RunSAE:
+    """Fit (or reuse) an SAE on ``run``'s MLP activations over the training tokens. Replicate r > 0
+    differs from the run's SAE only in its seed: initialization and the order activations arrive in."""
+    key = sae_key(run.key, cfg, replicate)
     directory = cache.stage_dir(results_dir, "sae", key)
-    ctx_len = cfg.data.ctx_len
+    seed = sae_seed(run.seed, replicate)
+    name = replica_name(run.name, replicate)
     with cache.lock(directory):
         if not cache.is_complete(directory):
-            seqs = max(1, cfg.sae.batch_size // ctx_len)
-            source = model_activations(run.model, dataset.train, ctx_len, seqs, device, seed=run.seed)
-            generator = torch.Generator().manual_seed(run.seed)
+            seqs = max(1, cfg.sae.batch_size // cfg.data.ctx_len)
+            source = model_activations(run.model, dataset.train, cfg.data.ctx_len, seqs, device, seed=seed)
+            generator = torch.Generator().manual_seed(seed)
             batches = shuffled_batches(source, cfg.sae.buffer_size, cfg.sae.batch_size, generator)
-            trained = train_sae(batches, cfg.sae, run.model.cfg.d_mlp, seed=run.seed, device=device, progress=progress,
+            trained = train_sae(batches, cfg.sae, run.model.cfg.d_mlp, seed=seed, device=device, progress=progress,
                                 checkpoint_dir=directory / cache.SCRATCH)
-            contexts = activations.eval_contexts(dataset.heldout, ctx_len, cfg.compare.tokens)
-            metrics = evaluate_sae(trained.sae, _heldout_neurons(run.model, contexts, device))
-            metrics.update(loss_recovered(run.model, trained.sae, contexts.split(SAE_EVAL_BATCH_CONTEXTS), device))
-            save_sae(trained, cfg.sae, directory, metrics)
-            cache.mark_complete(directory, {"run": run.name}, f"SAE of {run.name}")
-    return load_run_sae(directory, key, run.name, device)
+            save_sae(trained, cfg.sae, directory)
+            cache.mark_complete(directory, {"run": name}, f"SAE of {name}")
+    return load_run_sae(directory, key, name, replicate, device)
 
 
-def load_run_sae(directory: Path, key: str, name: str, device: str) -> RunSAE:
+def replica_name(model_name: str, replicate: int) -> str:
+    """"seed0" for a model's own SAE, "seed0-sae1" for its first replicate."""
+    return model_name if replicate == 0 else f"{model_name}-sae{replicate}"
+
+
+def load_run_sae(directory: Path, key: str, name: str, replicate: int, device: str) -> RunSAE:
     saved = json.loads((directory / "metrics.json").read_text())
-    history, events = saved.pop("history"), saved.pop("resampling_events")
-    return RunSAE(name, directory, key, load_sae(directory, device), history, events, saved)
+    return RunSAE(name, directory, key, load_sae(directory, device), saved["history"], saved["resampling_events"], replicate)
+
+
+def evaluate(dataset: Dataset, run: RunModel, sae: RunSAE, cfg: ExperimentConfig, device: str, results_dir: Path) -> RunSAE:
+    """The SAE's quality on the comparison tokens (past the skipped first positions of each context):
+    reconstruction, sparsity, densities, loss recovered, and how much it still moved late in training.
+    Its own stage, so that comparison settings re-evaluate but never retrain."""
+    key = evaluation_key(dataset, sae.key, cfg)
+    directory = cache.stage_dir(results_dir, "evaluation", key)
+    with cache.lock(directory):
+        if not cache.is_complete(directory):
+            contexts = activations.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
+            skip = cfg.compare.skip_first_positions
+            neurons = lambda: _heldout_neurons(run.model, contexts, device, skip)  # noqa: E731
+            metrics = evaluate_sae(sae.sae, neurons())
+            metrics.update(loss_recovered(run.model, sae.sae, contexts.split(SAE_EVAL_BATCH_CONTEXTS), device, skip))
+            snapshot = load_snapshot(sae.directory, device)
+            if snapshot is not None:
+                metrics.update(convergence(sae.sae, snapshot, neurons(), cfg.compare))
+            write_text(directory / "metrics.json", json.dumps(metrics, default=_jsonable))
+            cache.mark_complete(directory, {"run": sae.name}, f"evaluation of the SAE of {sae.name}")
+    return load_evaluation(directory, sae)
+
+
+def load_evaluation(directory: Path, sae: RunSAE) -> RunSAE:
+    metrics = json.loads((directory / "metrics.json").read_text())
+    metrics["densities"] = np.asarray(metrics["densities"])
+    return dataclasses.replace(sae, metrics=metrics, evaluation=directory)
+
+
+def _jsonable(value):
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to metrics.json")
 
 
 @torch.no_grad()
-def _heldout_neurons(model: OneLayerTransformer, contexts: torch.Tensor, device: str):
+def _heldout_neurons(model: OneLayerTransformer, contexts: torch.Tensor, device: str, skip: int):
+    """MLP activations [tokens, d_mlp] of the comparison contexts, past the first ``skip`` positions of each."""
     for batch in contexts.split(SAE_EVAL_BATCH_CONTEXTS):
-        acts = model(batch.to(device), return_mlp=True).mlp_acts
+        acts = model(batch.to(device), return_mlp=True).mlp_acts[:, skip:]
         yield acts.reshape(-1, acts.shape[-1])
 
 
@@ -277,7 +335,8 @@ def record_activations(dataset: Dataset, run: RunModel, sae: RunSAE, cfg: Experi
     with cache.lock(directory):
         if not cache.is_complete(directory):
             contexts = activations.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
-            activations.record(run.model, sae.sae, contexts, directory, device, cfg.compare.top_k_examples)
+            activations.record(run.model, sae.sae, contexts, directory, device, cfg.compare.top_k_examples,
+                               cfg.compare.skip_first_positions)
             cache.mark_complete(directory, {"run": run.name}, f"held-out activations of {run.name}")
     return activations.HeldoutActivations(directory)
 
@@ -294,11 +353,13 @@ class RunTask:
     device: str
     results_dir: Path
     progress: bool
+    replicate: int = 0  # r > 0: replicate r of the model's SAE (the within-model ceiling)
 
     @property
     def name(self) -> str:
-        """The run's name: "seed0" or "shuffled-seed0-1" (its progress line's label)."""
-        return f"seed{self.seed}" if self.shuffle_seed is None else f"shuffled-seed{self.seed}-{self.shuffle_seed}"
+        """The run's name: "seed0", "seed0-sae1" or "shuffled-seed0-1" (its progress line's label)."""
+        model = f"seed{self.seed}" if self.shuffle_seed is None else f"shuffled-seed{self.seed}-{self.shuffle_seed}"
+        return replica_name(model, self.replicate)
 
 
 @dataclass(frozen=True)
@@ -307,20 +368,24 @@ class RunPaths:
 
     name: str
     seed: int
+    replicate: int
     model: tuple[Path, str]  # (stage folder, key)
     sae: tuple[Path, str]
+    evaluation: Path
     activations: Path
 
 
 def build_run(task: RunTask) -> RunPaths:
-    """train_model (or shuffle_model) -> fit_sae -> record_activations for one run; cached and locked."""
+    """train_model (or shuffle_model) -> fit_sae -> evaluate -> record_activations for one run; cached and locked."""
     dataset = open_dataset(task.dataset_dir, task.dataset_key)
     model = train_model(dataset, task.cfg, task.seed, task.device, task.results_dir, task.progress)
     if task.shuffle_seed is not None:
         model = shuffle_model(model, task.shuffle_seed, task.results_dir, task.device)
-    sae = fit_sae(dataset, model, task.cfg, task.device, task.results_dir, task.progress)
+    sae = fit_sae(dataset, model, task.cfg, task.device, task.results_dir, task.replicate, task.progress)
+    evaluated = evaluate(dataset, model, sae, task.cfg, task.device, task.results_dir)
     acts = record_activations(dataset, model, sae, task.cfg, task.device, task.results_dir)
-    return RunPaths(model.name, model.seed, (model.directory, model.key), (sae.directory, sae.key), acts.directory)
+    return RunPaths(sae.name, model.seed, task.replicate, (model.directory, model.key), (sae.directory, sae.key),
+                    evaluated.evaluation, acts.directory)
 
 
 def is_cached(task: RunTask, dataset: Dataset) -> bool:
@@ -330,52 +395,69 @@ def is_cached(task: RunTask, dataset: Dataset) -> bool:
     if task.shuffle_seed is not None:
         key = shuffled_key(key, task.shuffle_seed)
         folders.append(cache.stage_dir(task.results_dir, "model", key))
-    key = sae_key(key, task.cfg)
+    key = sae_key(key, task.cfg, task.replicate)
     folders += [cache.stage_dir(task.results_dir, "sae", key),
+                cache.stage_dir(task.results_dir, "evaluation", evaluation_key(dataset, key, task.cfg)),
                 cache.stage_dir(task.results_dir, "activations", activations_key(dataset, key, task.cfg))]
     return all(map(cache.is_complete, folders))
 
 
 def load_run(paths: RunPaths, device: str) -> tuple[RunModel, RunSAE, activations.HeldoutActivations]:
     model = load_run_model(*paths.model, name=paths.name, seed=paths.seed, device=device)
-    sae = load_run_sae(*paths.sae, name=paths.name, device=device)
+    sae = load_evaluation(paths.evaluation, load_run_sae(*paths.sae, paths.name, paths.replicate, device))
     return model, sae, activations.HeldoutActivations(paths.activations)
 
 
-def pair_key(acts_a: activations.HeldoutActivations, acts_b: activations.HeldoutActivations, cfg: ExperimentConfig) -> str:
+def pair_key(acts_a: activations.HeldoutActivations, acts_b: activations.HeldoutActivations, cfg: ExperimentConfig,
+             same_model: bool = False) -> str:
     """Both runs' activations (which fix the tokens) and the only compare settings a pair uses."""
     return cache.stage_key("pair", PAIR_VERSION, a=acts_a.directory.name, b=acts_b.directory.name,
-                           min_firings=cfg.compare.min_firings, thresholds=cfg.compare.thresholds)
+                           min_firings=cfg.compare.min_firings, thresholds=cfg.compare.thresholds, same_model=same_model)
 
 
-def is_compared(a: tuple, b: tuple, cfg: ExperimentConfig, results_dir: Path) -> bool:
+def is_compared(a: tuple, b: tuple, cfg: ExperimentConfig, results_dir: Path, same_model: bool = False) -> bool:
     """Whether ``compare_pair(a, b, ...)`` is cached."""
-    return cache.is_complete(cache.stage_dir(results_dir, "pair", pair_key(a[2], b[2], cfg)))
+    return cache.is_complete(cache.stage_dir(results_dir, "pair", pair_key(a[2], b[2], cfg, same_model)))
 
 
 def compare_pair(a: tuple[RunModel, RunSAE, activations.HeldoutActivations],
                  b: tuple[RunModel, RunSAE, activations.HeldoutActivations],
-                 cfg: ExperimentConfig, results_dir: Path) -> PairResult:
-    """Match A's features, neurons and rotated neurons against B's (cached per pair)."""
+                 cfg: ExperimentConfig, results_dir: Path, same_model: bool = False) -> PairResult:
+    """Match A's features, neurons and rotated neurons against B's (cached per pair). Two SAEs of the
+    same model (``same_model``) share their neurons: their features are matched, and their decoder vectors."""
     (model_a, sae_a, acts_a), (model_b, sae_b, acts_b) = a, b
-    key = pair_key(acts_a, acts_b, cfg)
+    key = pair_key(acts_a, acts_b, cfg, same_model)
     directory = cache.stage_dir(results_dir, "pair", key)
     with cache.lock(directory):
         if not cache.is_complete(directory):
+            decoders = (sae_a.sae.W_dec.detach().cpu().numpy(), sae_b.sae.W_dec.detach().cpu().numpy()) if same_model else None
             result = compare_runs(
-                model_a.name, acts_a, feature_logit_weights(model_a.model, sae_a.sae),
-                model_b.name, acts_b, feature_logit_weights(model_b.model, sae_b.sae),
-                cfg.compare, rotation_seed=int(key[:8], 16),
+                sae_a.name, acts_a, feature_logit_weights(model_a.model, sae_a.sae),
+                sae_b.name, acts_b, feature_logit_weights(model_b.model, sae_b.sae),
+                cfg.compare, rotation_seed=int(key[:8], 16), decoders=decoders,
             )
             save_pair(result, directory)
-            cache.mark_complete(directory, {"pair": [model_a.name, model_b.name]}, f"{model_a.name} vs {model_b.name}")
+            cache.mark_complete(directory, {"pair": [sae_a.name, sae_b.name]}, f"{sae_a.name} vs {sae_b.name}")
     return load_pair(directory)
 
 
-def summarize(pairs: list[PairResult], randomized: PairResult | None, names: list[str], cfg: ExperimentConfig) -> dict:
-    """Statistics over all pairs (mean, std, bootstrap CI), feature families and partner counts."""
-    summary = summarize_pairs([p.stats for p in pairs], cfg.compare.n_bootstrap) if pairs else {}
+CEILING_RATIOS = ("features.max_corr_median", "features.max_corr_mean", "features.frac_above_0.5")
+
+
+def summarize(pairs: list[PairResult], replicate_pairs: list[PairResult], randomized: PairResult | None,
+              names: list[str], cfg: ExperimentConfig) -> dict:
+    """Statistics over all pairs (mean, std, seed-bootstrap CI), the within-model ceiling and the ratio of
+    cross-model universality to it, feature families and partner counts."""
     index = {name: i for i, name in enumerate(names)}
+    units = [(index[p.run_a], index[p.run_b]) for p in pairs]
+    summary = summarize_pairs([p.stats for p in pairs], units, len(names), cfg.compare.n_bootstrap) if pairs else {}
+    if replicate_pairs:
+        units = [(index[model_name(p.run_a)],) for p in replicate_pairs]
+        ceiling = summarize_pairs([p.stats for p in replicate_pairs], units, len(names), cfg.compare.n_bootstrap)
+        summary.update({f"ceiling.{key}": value for key, value in ceiling.items()})
+        if pairs:
+            for key in CEILING_RATIOS:
+                summary[f"ceiling_ratio.{key}"] = summary[f"{key}_mean"] / summary[f"ceiling.{key}_mean"]
     matchings = {(index[p.run_a], index[p.run_b]): p.matching for p in pairs}
     if matchings:
         families = feature_families(matchings, min_corr=FAMILY_MIN_CORR)
@@ -398,9 +480,14 @@ def summarize(pairs: list[PairResult], randomized: PairResult | None, names: lis
     return summary
 
 
+def model_name(run_name: str) -> str:
+    """The model a run's SAE belongs to: "seed0" for "seed0" and for its replicate "seed0-sae1"."""
+    return run_name.split("-sae")[0]
+
+
 def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str = "auto", progress: bool = True,
         engine: Engine = Engine()) -> RunResult:
-    """corpus -> tokens -> per run (model -> SAE -> held-out activations) -> pair comparisons -> summary.
+    """corpus -> tokens -> per run (model -> SAE -> evaluation -> held-out activations) -> pair comparisons -> summary.
 
     ``engine`` says where the per-run stages and the pair comparisons run (in this process, in
     parallel worker processes, on a Dask cluster); the results do not depend on it.
@@ -415,17 +502,17 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
                                   progress_board(results_dir, [task.name for task in tasks], progress))
         runs = {paths.name: load_run(paths, device) for paths in built}
         seed_names = [f"seed{s}" for s in seeds]
-        pair_names = list(itertools.combinations(seed_names, 2))
-        shuffled_names = [n for n in runs if n not in seed_names]
-        if shuffled_names:
-            pair_names.append(tuple(shuffled_names))
-        compared = engine.map_cached(compare_pair, [(runs[a], runs[b], cfg, results_dir) for a, b in pair_names],
-                                     is_compared, progress_board(results_dir, [f"{a} vs {b}" for a, b in pair_names], progress))
-    pairs, randomized = (compared[:-1], compared[-1]) if shuffled_names else (compared, None)
+        plan = pair_plan(list(runs), seed_names)
+        compared = engine.map_cached(compare_pair, [(runs[a], runs[b], cfg, results_dir, kind == "same-model")
+                                                    for a, b, kind in plan], is_compared,
+                                     progress_board(results_dir, [f"{a} vs {b}" for a, b, _ in plan], progress))
+    by_kind = {kind: [p for p, (_, _, k) in zip(compared, plan) if k == kind] for kind in PAIR_KINDS}
+    randomized = by_kind["randomized"][0] if by_kind["randomized"] else None
     models = {name: model for name, (model, _, _) in runs.items()}
     saes = {name: sae for name, (_, sae, _) in runs.items()}
     acts = {name: run_acts for name, (_, _, run_acts) in runs.items()}
-    return RunResult(cfg, dataset, models, saes, acts, pairs, randomized, summarize(pairs, randomized, seed_names, cfg))
+    summary = summarize(by_kind["cross-model"], by_kind["same-model"], randomized, seed_names, cfg)
+    return RunResult(cfg, dataset, models, saes, acts, by_kind["cross-model"], by_kind["same-model"], randomized, summary)
 
 
 def progress_board(results_dir: Path, labels: list[str], progress: bool) -> Board | None:
@@ -433,15 +520,35 @@ def progress_board(results_dir: Path, labels: list[str], progress: bool) -> Boar
     return Board(results_dir / "progress", labels) if progress else None
 
 
+PAIR_KINDS = ("cross-model", "same-model", "randomized")
+
+
+def pair_plan(run_names: list[str], seed_names: list[str]) -> list[tuple[str, str, str]]:
+    """(A, B, kind) of every comparison: each pair of seeds (cross-model), each pair of SAEs of one model
+    (same-model: the ceiling), and the two weight-shuffled controls (randomized)."""
+    plan = [(a, b, "cross-model") for a, b in itertools.combinations(seed_names, 2)]
+    for seed_name in seed_names:
+        replicas = [seed_name] + [n for n in run_names if n.startswith(f"{seed_name}-sae")]
+        if len(replicas) > 1:
+            plan += [(a, b, "same-model") for a, b in itertools.combinations(replicas, 2)]
+    shuffled = [n for n in run_names if n.startswith("shuffled-")]
+    if shuffled:
+        plan.append((shuffled[0], shuffled[1], "randomized"))
+    return plan
+
+
 def run_tasks(cfg: ExperimentConfig, dataset: Dataset, seeds: list[int], device: str, results_dir: Path,
               progress: bool) -> list[RunTask]:
-    """One task per seed, then the two weight-shuffled controls of the first seed's model (if enabled)."""
-    runs = [(seed, None) for seed in seeds]
+    """One task per seed, then the replicate SAEs (of the first seed's model, or of every model), then
+    the two weight-shuffled controls of the first seed's model (if enabled)."""
+    runs = [(seed, None, 0) for seed in seeds]
+    replicated = seeds[:1] if cfg.sae.replicates_on == "first" else seeds
+    runs += [(seed, None, r) for seed in replicated for r in range(1, cfg.sae.replicates + 1)]
     if cfg.compare.randomized_baseline:
-        runs += [(seeds[0], shuffle_seed) for shuffle_seed in (1, 2)]
+        runs += [(seeds[0], shuffle_seed, 0) for shuffle_seed in (1, 2)]
     devices = spread_devices(device, len(runs))
-    return [RunTask(cfg, dataset.directory, dataset.key, seed, shuffle_seed, run_device, results_dir, progress)
-            for (seed, shuffle_seed), run_device in zip(runs, devices)]
+    return [RunTask(cfg, dataset.directory, dataset.key, seed, shuffle_seed, run_device, results_dir, progress, replicate)
+            for (seed, shuffle_seed, replicate), run_device in zip(runs, devices)]
 
 
 @contextlib.contextmanager
@@ -455,21 +562,53 @@ def _disk_errors() -> Iterator[None]:
 
 
 def describe(result: RunResult) -> str:
-    """A few lines for the terminal: each run's losses and SAE, and the universality headline."""
+    """A few lines for the terminal: each run's losses and SAE, then the universality headline with its
+    ceiling (two SAEs of one model) and baselines beside it, so each number says how far to trust it."""
     lines = []
     for name, m in result.models.items():
-        s = result.saes[name].metrics
-        sae = f"SAE fvu {s['fvu']:.3f} L0 {s['l0']:.1f} dead {s['dead_fraction']:.1%}"
-        if m.metrics:  # a trained model; a weight-shuffled control's MLP barely matters to its loss
+        sae = result.saes[name]
+        s = sae.metrics
+        quality = f"SAE fvu {s['fvu']:.3f} L0 {s['l0']:.1f} dead {s['dead_fraction']:.1%}"
+        if "convergence_corr_median" in s:
+            quality += f" converged {s['convergence_corr_median']:.2f}"
+        if sae.replicate:
+            lines.append(f"{name} (replicate SAE of {model_name(name)}): {quality} loss recovered {s['loss_recovered']:.1%}")
+        elif m.metrics:  # a trained model; a weight-shuffled control's MLP barely matters to its loss
             lines.append(f"{name}: held-out loss {m.metrics['eval_loss']:.3f} (bigram {m.metrics['bigram_ce']:.3f}) | "
-                         f"{sae} loss recovered {s['loss_recovered']:.1%}")
+                         f"{quality} loss recovered {s['loss_recovered']:.1%}")
         else:
-            lines.append(f"{name} (control): {sae}")
+            lines.append(f"{name} (control): {quality}")
     for p in result.pairs:
         st = p.stats
         lines.append(f"{p.run_a} vs {p.run_b}: median max corr features {st['features.max_corr_median']:.3f} | "
                      f"neurons {st['neurons.max_corr_median']:.3f} | rotated neurons {st['rotation.max_corr_median']:.3f}")
-    if result.randomized is not None:
-        lines.append(f"randomized transformers: median max corr features {result.randomized.stats['features.max_corr_median']:.3f}")
+    for p in result.replicate_pairs:
+        lines.append(f"{p.run_a} vs {p.run_b} (same model): median max corr features {p.stats['features.max_corr_median']:.3f} | "
+                     f"decoder cosine, one-to-one {p.stats['decoder.cos_hungarian_median']:.3f}")
+    lines += headline(result.summary, len(result.pairs), len(result.replicate_pairs), result.randomized)
     lines.append(f"results in {result.dataset.directory.parent.parent.parent}")
     return "\n".join(lines)
+
+
+def headline(summary: dict, n_pairs: int, n_replicate_pairs: int, randomized: PairResult | None) -> list[str]:
+    """Median max activation correlation of SAE features across models, beside its ceiling, their ratio
+    and the baselines (mean over pairs, with the 95% interval from resampling seeds)."""
+    if not n_pairs:
+        return []
+
+    def row(label: str, key: str) -> str:
+        mean, low, high = (summary.get(f"{key}_{s}", float("nan")) for s in ("mean", "ci_low", "ci_high"))
+        interval = f"  [{low:.3f}, {high:.3f}]" if np.isfinite(low) else ""
+        return f"  {label:<50} {mean:.3f}{interval}"
+
+    lines = [f"universality: median max activation correlation, mean over {n_pairs} pair{'s' * (n_pairs > 1)} of models"
+             " [95% interval, resampling seeds; none below 3 seeds]",
+             row("SAE features, across models", "features.max_corr_median")]
+    if n_replicate_pairs:
+        lines += [row(f"SAE features, same model (ceiling, {n_replicate_pairs} SAE pair{'s' * (n_replicate_pairs > 1)})",
+                      "ceiling.features.max_corr_median"),
+                  f"  {'across models / ceiling':<50} {summary['ceiling_ratio.features.max_corr_median']:.3f}"]
+    lines += [row("neurons", "neurons.max_corr_median"), row("rotated neurons (baseline)", "rotation.max_corr_median")]
+    if randomized is not None:
+        lines.append(f"  {'SAE features, weight-shuffled models':<50} {randomized.stats['features.max_corr_median']:.3f}")
+    return lines

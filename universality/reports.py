@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from universality.atomic import atomic_path, write_text  # noqa: E402
+from universality.errors import DataError  # noqa: E402
 from universality.export import replicate_of  # noqa: E402
 from universality.feature_cards import RunSources, render_html  # noqa: E402
 from universality.pairs import PairResult  # noqa: E402
@@ -136,7 +137,7 @@ def drawn_once(stage_dir: Path | None, draw: Callable[[], list[Figure]]) -> list
     so re-running a cached experiment does not draw them again."""
     folder = None if stage_dir is None else stage_dir / "figures"
     if folder is not None and (folder / FIGURE_INDEX).exists():
-        captions = json.loads((folder / FIGURE_INDEX).read_text())
+        captions = figure_index(folder / FIGURE_INDEX)
         return [Figure(name, caption, (folder / name).read_bytes()) for name, caption in captions.items()]
     figures = draw()
     if folder is not None:
@@ -145,6 +146,23 @@ def drawn_once(stage_dir: Path | None, draw: Callable[[], list[Figure]]) -> list
             write_figure(figure, folder)
         write_text(folder / FIGURE_INDEX, json.dumps({f.name: f.caption for f in figures}))  # written last
     return figures
+
+
+def figure_index(path: Path) -> dict[str, str]:
+    """File name -> caption of cached figures. The names must be plain file names in the index's folder:
+    a damaged or tampered cache (results on a shared filesystem) must not make univ read files elsewhere."""
+    captions = json.loads(path.read_text())
+    bad = [name for name, caption in captions.items() if not (is_plain_file_name(name) and isinstance(caption, str))
+           ] if isinstance(captions, dict) else [captions]
+    if bad:
+        raise DataError(f"{path}: {bad[0]!r} is not a plain figure file name (a damaged cache? delete "
+                        f"{path.parent} to redraw its figures)")
+    return captions
+
+
+def is_plain_file_name(name: str) -> bool:
+    """A name that stays in its folder when joined to it: no separator, not '.' or '..', not absolute."""
+    return name not in ("", ".", "..") and Path(name).name == name and "\0" not in name
 
 
 def pair_figures(pair: PairResult) -> list[Figure]:
@@ -198,10 +216,15 @@ def page(title: str, body: str) -> str:
 
 def pair_report(pair: PairResult, figures: Sequence[Figure], matched: pd.DataFrame,
                 sources: Mapping[str, RunSources]) -> str:
-    source_a, source_b = sources[pair.run_a], sources[pair.run_b]
-    ranked = ranked_features(matched, source_a.seed, source_b.seed, replicate_of(pair.run_a), replicate_of(pair.run_b))
-    body = (_headline_table(pair.stats) + "".join(f.html() for f in figures)
-            + _cards_section(ranked, source_a, matched))
+    """Headline numbers, figures and feature cards of one pair; the weight-shuffled control's features
+    are in no matched table (``sources`` has no entry for its runs), so its page has no cards."""
+    body = _headline_table(pair.stats) + "".join(f.html() for f in figures)
+    if pair.run_a in sources:
+        source_a, source_b = sources[pair.run_a], sources[pair.run_b]
+        ranked = ranked_features(matched, source_a.seed, source_b.seed, replicate_of(pair.run_a), replicate_of(pair.run_b))
+        body += _cards_section(ranked, source_a, matched)
+    else:
+        body += "<p>Randomized-transformer control (weight-shuffled models): no feature cards.</p>"
     return page(f"univ: {pair.run_a} vs {pair.run_b}", body)
 
 
