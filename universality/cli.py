@@ -9,18 +9,34 @@ import click
 
 from universality.cache import STAGES
 from universality.config import DEFAULT_EXPERIMENT, DEFAULT_PRESET, preset_names
-from universality.errors import UnivError, from_os_error
+from universality.errors import UnivError, first_line, from_os_error
 
 
 class Group(click.Group):
-    """Turns a ``UnivError`` (or a file-system ``OSError``) from any command into one line on stderr and exit status 1."""
+    """Turns a ``UnivError`` (or a file-system ``OSError``, or an ``MlflowException``) from any command into
+    one line on stderr and exit status 1."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (UnivError, OSError) as exc:
-            click.echo(f"Error: {from_os_error(exc) if isinstance(exc, OSError) else exc}", err=True)
+        except Exception as exc:
+            message = user_error(exc)
+            if message is None:
+                raise
+            click.echo(f"Error: {message}", err=True)
             sys.exit(1)
+
+
+def user_error(exc: Exception) -> str | None:
+    """The one-line message of an error in the user's input or environment, None for a bug."""
+    if isinstance(exc, UnivError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return str(from_os_error(exc))
+    mlflow_errors = sys.modules.get("mlflow.exceptions")  # loaded by every command that talks to MLflow
+    if mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException):
+        return f"MLflow: {first_line(exc)}"
+    return None
 
 
 RESULTS_DIR = click.option("--results-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
@@ -28,6 +44,7 @@ RESULTS_DIR = click.option("--results-dir", type=click.Path(path_type=Path), def
 TRACKING_URI = click.option("--tracking-uri", default=None,
                             help="MLflow tracking server (default: $MLFLOW_TRACKING_URI, else SQLite in the results folder).")
 EXPERIMENT = click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name.")
+MAX_SEED = 2**63 - 1  # seeds go to torch.manual_seed, NumPy and int64 table columns: all take this range
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 
 
@@ -44,8 +61,8 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
         seeds = [int(s) for s in value.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter("expected comma-separated integers, e.g. 3,7,11") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise click.BadParameter("expected distinct non-negative integers, e.g. 3,7,11")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED:
+        raise click.BadParameter(f"expected distinct integers in 0..{MAX_SEED}, e.g. 3,7,11")
     return seeds
 
 
@@ -89,13 +106,18 @@ def _experiment(seeds, seed_list, preset, config_file, corpus):
 
 @main.command()
 @experiment_options
+@click.option("--sae-replicates", type=click.IntRange(min=0), default=None,
+              help="Extra SAEs per replicated model, differing only in the SAE seed: the within-model ceiling "
+                   "(default: the config's sae.replicates, 1 on the first seed's model; 0: no ceiling).")
 def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
-        jobs, backend, scheduler) -> None:
-    """Train one transformer per seed, fit an SAE on each, and compare every pair."""
+        jobs, backend, scheduler, sae_replicates) -> None:
+    """Train one transformer per seed, fit an SAE on each (and replicate SAEs for the ceiling), and compare every pair."""
+    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus)  # a bad value fails before torch loads
+    if sae_replicates is not None:
+        cfg = cfg.replace(sae={"replicates": sae_replicates})
     from universality import pipeline, tracking
     from universality.orchestration import Engine
 
-    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus)
     engine = Engine(jobs, backend, scheduler)
     with tracking.tracked_run(results_dir, tracking_uri, experiment, cfg, chosen) as tracker:
         result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device, engine=engine)
@@ -172,7 +194,7 @@ def match(acts_a, acts_b, out, threshold, min_firings) -> None:
 @click.option("--samples", type=int, default=None, help="Activation vectors seen in training. Default 2,000,000.")
 @click.option("--batch-size", type=int, default=None, help="Activations per step. Default 512.")
 @click.option("--lr", type=float, default=None, help="Adam learning rate. Default 3e-3.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
 @DEVICE
 def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, lr, seed, device) -> None:
     """Train an SAE on ACTS, a .npy array (rows x dims) of activations, and save it with its metrics."""
@@ -196,12 +218,12 @@ def ui(port, host, experiment, results_dir) -> None:
 
     from universality import tracking
 
-    client = tracking.open_client(results_dir, tracking.embedded_uri(results_dir))
+    client = tracking.open_client(results_dir, tracking.embedded_uri(results_dir), read_only=True)
     exp = tracking.experiment_id(client, experiment, results_dir)
     artifacts = Path(results_dir).resolve() / "mlartifacts"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", client.tracking_uri,
                "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port)]
-    click.echo(f"MLflow UI: http://{host}:{port}/#/experiments/{exp}  (Ctrl-C stops it)")
+    click.echo(f"MLflow UI: {tracking.ui_url(f'http://{host}:{port}', exp)}  (Ctrl-C stops it)")
     sys.stdout.flush()
     os.execv(sys.executable, command)  # the server replaces this process: signals reach it directly
 
@@ -222,7 +244,7 @@ def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
 
     if not out.parent.is_dir():
         raise UnivError(f"folder {out.parent} does not exist")
-    client = tracking.open_client(results_dir, tracking_uri)
+    client = tracking.open_client(results_dir, tracking_uri, read_only=True)
     run = tracking.find_run(client, run_id, kinds=("experiment", "sweep"))
     if run.data.tags[tracking.KIND] == "sweep":
         table = sweep.load_summary(client, run.info.run_id)
@@ -245,9 +267,9 @@ def features(run_id, seed, feature, results_dir, tracking_uri) -> None:
     from universality import tracking
     from universality.feature_cards import render_terminal
 
-    client = tracking.open_client(results_dir, tracking_uri)
+    client = tracking.open_client(results_dir, tracking_uri, read_only=True)
     run = tracking.find_run(client, run_id)
-    sources = tracking.seed_sources(client, run, seed)
+    sources = tracking.seed_sources(client, run, seed, results_dir)
     n_features = sources.densities.size
     if feature >= n_features:
         raise UnivError(f"feature {feature} is out of range: seed {seed} has {n_features} features (0..{n_features - 1})")
