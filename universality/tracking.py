@@ -73,7 +73,7 @@ def open_client(results_dir: Path, tracking_uri: str | None) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, name: str, results_dir: Path) -> str:
-    """The experiment's id, creating it on first use (landing the UI on its runs table)."""
+    """The experiment's id, creating it on first use (kind: model development; artifacts beside an embedded store)."""
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
@@ -81,6 +81,12 @@ def experiment_id(client: MlflowClient, name: str, results_dir: Path) -> str:
     location = (Path(results_dir).resolve() / "mlartifacts").as_uri() if embedded else None
     return client.create_experiment(name, artifact_location=location,
                                     tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def ui_url(server: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI served at ``server``. MLflow 3's UI opens in its GenAI
+    mode (traces, evaluations) whatever the experiment's kind; the query selects model training."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 # MLflow's UI groups a run's charts into sections by the name's prefix before a "/", in code-point
