@@ -83,14 +83,17 @@ def experiment_options(command):
         click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
                      help="loky: worker processes here; dask: a Dask cluster (results dir on a shared filesystem)."),
         click.option("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT (with --backend dask)."),
+        click.option("--sae-replicates", type=click.IntRange(min=0), default=None,
+                     help="Extra SAEs per replicated model, differing only in the SAE seed: the within-model ceiling "
+                          "(default: the config's sae.replicates, 1 on the first seed's model; 0: no ceiling)."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _experiment(seeds, seed_list, preset, config_file, corpus):
-    """(config, seeds) from the shared options: the preset, the config file laid over it, the corpus."""
+def _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates):
+    """(config, seeds) from the shared options: the preset, the config file laid over it, the corpus, the replicates."""
     from universality.config import load_config, load_preset
 
     if seeds is not None and seed_list is not None:
@@ -101,20 +104,17 @@ def _experiment(seeds, seed_list, preset, config_file, corpus):
         cfg = load_config(config_file, base=cfg)
     if corpus is not None:
         cfg = cfg.replace(data={"corpus": corpus})
+    if sae_replicates is not None:
+        cfg = cfg.replace(sae={"replicates": sae_replicates})
     return cfg, chosen
 
 
 @main.command()
 @experiment_options
-@click.option("--sae-replicates", type=click.IntRange(min=0), default=None,
-              help="Extra SAEs per replicated model, differing only in the SAE seed: the within-model ceiling "
-                   "(default: the config's sae.replicates, 1 on the first seed's model; 0: no ceiling).")
 def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
         jobs, backend, scheduler, sae_replicates) -> None:
     """Train one transformer per seed, fit an SAE on each (and replicate SAEs for the ceiling), and compare every pair."""
-    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus)  # a bad value fails before torch loads
-    if sae_replicates is not None:
-        cfg = cfg.replace(sae={"replicates": sae_replicates})
+    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates)  # fails before torch loads
     from universality import pipeline, tracking
     from universality.orchestration import Engine
 
@@ -146,12 +146,12 @@ def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):
                    "neurons and the within-model ceiling, each's median max correlation (mean over pairs).")
 @experiment_options
 def sweep(axes, stats, seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
-          jobs, backend, scheduler) -> None:
+          jobs, backend, scheduler, sae_replicates) -> None:
     """Run the experiment at every point of a grid of config fields; tabulate and plot statistics against each axis."""
+    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates)  # fails before torch loads
     from universality import sweep as sweeps
     from universality.orchestration import Engine
 
-    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus)
     engine = Engine(jobs, backend, scheduler)
     stats = tuple(dict.fromkeys(stats)) or sweeps.DEFAULT_STATS
     result = sweeps.run_sweep(cfg, axes, chosen, results_dir, stats=stats, device=device,
