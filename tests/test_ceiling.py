@@ -14,6 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from sae.evaluation import convergence
 from sae.training import train_sae
 from universality import tracking
 from universality.activations import single_position, token_positions
@@ -71,10 +72,17 @@ def planted():
     return train_a, train_b, eval_a, eval_b
 
 
+@pytest.fixture(scope="module")
+def fitted(planted):
+    """SAEs on model A (two SAE seeds) and on model B."""
+    train_a, train_b, _, _ = planted
+    return fit(train_a, seed=0), fit(train_b, seed=1), fit(train_a, seed=2)
+
+
 @pytest.mark.slow
-def test_planted_shared_fraction_is_recovered_and_the_ceiling_is_high(planted):
-    train_a, train_b, eval_a, eval_b = planted
-    sae_a, sae_b, sae_a2 = fit(train_a, seed=0), fit(train_b, seed=1), fit(train_a, seed=2)
+def test_planted_shared_fraction_is_recovered_and_the_ceiling_is_high(planted, fitted):
+    _, _, eval_a, eval_b = planted
+    sae_a, sae_b, sae_a2 = fitted
     across = universality(sae_a, eval_a, sae_b, eval_b)
     assert across["frac_above_0.5"] == pytest.approx(PLANTED_SHARED, abs=0.1)
     ceiling = universality(sae_a, eval_a, sae_a2, eval_a)
@@ -131,3 +139,15 @@ def test_bad_replicate_and_position_settings_are_one_line_errors(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "Error: compare.skip_first_positions must be below data.ctx_len (32)"]
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_convergence_is_one_for_an_sae_against_itself_and_low_for_unrelated_saes(planted, fitted):
+    _, _, eval_a, eval_b = planted
+    sae_a, sae_b, _ = fitted
+    cfg = CompareConfig(min_firings=5)
+    same = convergence(sae_a, sae_a, eval_a.split(4096), cfg)
+    assert same["convergence_corr_median"] == pytest.approx(1.0, abs=1e-6)
+    assert same["convergence_decoder_cos_median"] == pytest.approx(1.0, abs=1e-6)
+    unrelated = convergence(sae_a, sae_b, eval_a.split(4096), cfg)  # B's SAE knows another basis
+    assert unrelated["convergence_corr_median"] < 0.5 and unrelated["convergence_decoder_cos_median"] < 0.5
