@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -101,6 +102,15 @@ class SAEConfig:
     # (initialization and activation order). Replicate 0 is the run's SAE; these are not in its cache key.
     replicates: int = 1  # extra SAEs per transformer that gets them (0: no ceiling)
     replicates_on: str = "first"  # "first": only the first seed's model | "all": every seed's model
+    # Matmul precision: "auto" (bf16 where the hardware runs it fast: CUDA, CPUs with AVX512-BF16 or AMX;
+    # else fp32) | "fp32" | "bf16". Weights and Adam state are float32 either way; a cached SAE records the
+    # resolved one (sae.training.resolve_precision).
+    precision: str = "auto"
+    lr_warmup_fraction: float = 0.05  # linear learning-rate warm-up over this first fraction of the steps
+    # Linear learning-rate decay to 0 over this last fraction of the steps (Anthropic's April 2024 update:
+    # the last 20%), so that the dictionary has stopped moving by the last step
+    lr_decay_fraction: float = 0.2
+    snapshot_fraction: float = 0.75  # keep a copy of the SAE at this fraction of the steps, for the convergence diagnostic (0: none)
 
     def __post_init__(self) -> None:
         _require(self.arch in ("relu", "topk"), f"sae.arch must be 'relu' or 'topk', not {self.arch!r}")
@@ -114,6 +124,11 @@ class SAEConfig:
         _require(0 < self.dead_window_fraction <= 1, "sae.dead_window_fraction must lie in (0, 1]")
         _require(self.replicates >= 0, "sae.replicates must be >= 0")
         _require(self.replicates_on in ("first", "all"), f"sae.replicates_on must be 'first' or 'all', not {self.replicates_on!r}")
+        _require(self.precision in ("auto", "fp32", "bf16"), f"sae.precision must be 'auto', 'fp32' or 'bf16', not {self.precision!r}")
+        _require(self.lr_warmup_fraction >= 0 and self.lr_decay_fraction >= 0
+                 and self.lr_warmup_fraction + self.lr_decay_fraction <= 1,
+                 "sae.lr_warmup_fraction and sae.lr_decay_fraction must be >= 0 and sum to at most 1")
+        _require(0 <= self.snapshot_fraction < 1, "sae.snapshot_fraction must lie in [0, 1)")
         object.__setattr__(self, "resample_fractions", tuple(self.resample_fractions))
 
     def training_fields(self) -> dict[str, Any]:
@@ -161,6 +176,9 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _require(self.compare.skip_first_positions < self.data.ctx_len,
                  f"compare.skip_first_positions must be below data.ctx_len ({self.data.ctx_len})")
+        _require(self.compare.tokens <= self.data.heldout_tokens,
+                 f"compare.tokens ({self.compare.tokens}) must not exceed data.heldout_tokens ({self.data.heldout_tokens}): "
+                 "activations are compared on held-out tokens")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,11 +234,27 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         bad = set(values) - known
         if bad:
             raise ConfigError(f"unknown field(s) in [{name}]: {', '.join(sorted(bad))}")
-        try:
-            sections[name] = cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"bad value in [{name}]: {exc}") from None
+        hints = typing.get_type_hints(cls)
+        sections[name] = cls(**{key: _typed(f"{name}.{key}", value, hints[key]) for key, value in values.items()})
     return ExperimentConfig(name=str(raw.get("name", "custom")), **sections)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _typed(field_name: str, value: Any, kind: Any) -> Any:
+    """``value`` checked against the field's annotation before any work: an integral float (TOML's
+    ``samples = 2e6``) becomes the int it names, an int is a valid float; anything else is an error."""
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{field_name} must be a list, not {value!r}")
+        return tuple(_typed(field_name, item, typing.get_args(kind)[0]) for item in value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    accepted = (int, float) if kind is float else kind
+    if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):  # True is an int to Python
+        raise ConfigError(f"{field_name} must be {_TYPE_NAMES[kind]}, not {value!r}")
+    return value
 
 
 def preset_names() -> list[str]:
@@ -238,9 +272,11 @@ def load_preset(name: str) -> ExperimentConfig:
 def load_config(path: Path, base: ExperimentConfig | None = None) -> ExperimentConfig:
     """A user config file (TOML or JSON) laid over ``base`` (or its own ``preset`` key, or the default)."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
         raw = json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
