@@ -21,3 +21,8 @@ def from_os_error(exc: OSError) -> UnivError:
     """A file-system failure (full disk, unwritable, missing or misplaced file) as one line naming the path."""
     where = f": {exc.filename}" if exc.filename else ""
     return UnivError(f"file system error, {exc.strerror or exc}{where}")
+
+
+def first_line(exc: Exception) -> str:
+    """An exception's message on one line (MLflow's can span several, with hints after the first)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

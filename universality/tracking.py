@@ -11,8 +11,10 @@ the open runs FAILED, Ctrl-C marks them KILLED; every ``univ run`` makes a new p
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -30,11 +32,12 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from universality import export, reports
 from universality.config import ExperimentConfig
-from universality.errors import UnivError
+from universality.errors import UnivError, first_line
 from universality.feature_cards import RunSources, load_run_sources, vocab_strings
 
 KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair
@@ -42,6 +45,7 @@ METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PARAMS_PER_BATCH = 100
 TABLES = {"matched": "tables/matched_features.parquet", "families": "tables/matched_features.families.parquet"}
 HEALTH_TIMEOUT_S = 5
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (creating the SQLite tables) are not univ's output
 DECILES = "tables/deciles.json"  # a parent's and each pair's statistics by feature-density decile
 
 
@@ -54,27 +58,62 @@ def resolve_uri(results_dir: Path, tracking_uri: str | None) -> str:
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(results_dir)
 
 
-def check_store(uri: str, results_dir: Path) -> None:
-    """Fail fast, in one line, when a tracking server does not answer; create the embedded store's folder."""
+def check_store(uri: str, results_dir: Path, read_only: bool = False) -> None:
+    """Fail fast, in one line, when the store cannot be used: a tracking server that does not answer, an
+    SQLite file that cannot be opened (MLflow would retry for minutes), or, for a read-only command, an
+    embedded store that does not exist (a mistyped ``--results-dir`` then creates nothing)."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:
                 response.read()
         except (urllib.error.URLError, OSError) as exc:
             raise UnivError(f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
-    elif uri == embedded_uri(results_dir):
-        Path(results_dir).mkdir(parents=True, exist_ok=True)
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if read_only and uri == embedded_uri(results_dir) and not path.is_file():
+            raise UnivError(f"no results at {results_dir}")
+        check_sqlite(path, write=not read_only)
 
 
-def open_client(results_dir: Path, tracking_uri: str | None) -> MlflowClient:
+def check_sqlite(path: Path, write: bool) -> None:
+    """Open the SQLite file once (creating it and its folder when ``write``), and when ``write`` take and
+    roll back a write lock with a no-op write, so an unwritable store is an error now, not after training."""
+    try:
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path if write else f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=not write, isolation_level=None)) as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if write:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(f"PRAGMA user_version = {int(version)}")
+                db.execute("ROLLBACK")
+    except (OSError, sqlite3.Error) as exc:
+        raise UnivError(f"cannot {'write' if write else 'read'} the MLflow store {path} ({exc})") from None
+
+
+def open_client(results_dir: Path, tracking_uri: str | None, read_only: bool = False) -> MlflowClient:
+    """A client of the tracking store (see ``resolve_uri``), checked to work; ``read_only``: for commands
+    that only read results, which must then exist."""
     uri = resolve_uri(results_dir, tracking_uri)
-    check_store(uri, results_dir)
-    return MlflowClient(tracking_uri=uri)
+    check_store(uri, results_dir, read_only)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # opens the store now: a bad URI fails here, in one line
+    except UnsupportedModelRegistryStoreURIException:
+        raise UnivError(f"unsupported MLflow tracking URI {uri!r} (expected http(s)://HOST:PORT, sqlite:///PATH "
+                        "or another store MLflow knows)") from None
+    except (MlflowException, ImportError) as exc:
+        raise UnivError(f"cannot use the MLflow tracking store {uri}: {first_line(exc)}") from None
+    return client
 
 
 def experiment_id(client: MlflowClient, name: str, results_dir: Path) -> str:
     """The experiment's id, creating it on first use (kind: model development; artifacts beside an embedded store)."""
     existing = client.get_experiment_by_name(name)
+    if existing is not None and existing.lifecycle_stage == "deleted":
+        raise UnivError(f"MLflow experiment {name!r} is deleted: restore it (mlflow experiments restore "
+                        f"--experiment-id {existing.experiment_id}) or choose another with --experiment")
     if existing is not None:
         return existing.experiment_id
     embedded = client.tracking_uri == embedded_uri(results_dir)
@@ -213,24 +252,20 @@ class Tracker:
         matched, families = export.matched_table(result.pairs, sources, result.replicate_pairs)
         for name in result.models:
             self._log_model_run(result, name, folder / "runs" / name)
-        for pair, kind in [*((p, "pair") for p in result.pairs), *((p, "replicate-pair") for p in result.replicate_pairs)]:
+        control = [(result.randomized, "randomized-pair")] if result.randomized is not None else []
+        for pair, kind in [*((p, "pair") for p in result.pairs), *((p, "replicate-pair") for p in result.replicate_pairs),
+                           *control]:
             self._log_pair(pair, kind, reports.write_pair_report(pair, matched, sources, folder / "pairs" / _pair_name(pair)))
-        if result.randomized is not None:
-            control = folder / "pairs" / _pair_name(result.randomized)
-            control.mkdir(parents=True, exist_ok=True)
-            for figure in reports.pair_figures(result.randomized):
-                reports.write_figure(figure, control)
-            self._log_pair(result.randomized, "randomized-pair", control)
         self._log_tables(matched, families, folder / "tables")
         if result.pairs:
             self.client.log_artifacts(self.run_id, str(reports.write_run_report(
                 result.pairs, result.replicate_pairs, result.randomized, result.summary, matched, sources,
-                folder / "report")), "report")
+                {name: sae.metrics for name, sae in result.saes.items()}, folder / "report")), "report")
         dataset = result.dataset
         _log_dataset(self.client, self.run_id, dataset.corpus_source, dataset.corpus_fingerprint)
         self._log_statistics(self.run_id, result.summary,
                              params={"corpus.source": dataset.corpus_source, "corpus.fingerprint": dataset.corpus_fingerprint},
-                             tags={"univ.data_dir": str(dataset.directory)})
+                             tags={"univ.data_dir": str(dataset.directory.resolve())})  # absolute: usable from any folder
         self.seconds += time.perf_counter() - start
         self.log(self.run_id, metrics_from({"tracking.seconds": self.seconds}))
 
@@ -246,8 +281,9 @@ class Tracker:
         kind = "sae-replicate" if sae.replicate else "seed" if name.startswith("seed") else "control-model"
         trained = not sae.replicate  # a replicate shares its model with the seed's run: log only its SAE
         run_id = self.child(name, kind, {"univ.run_name": name, "univ.seed": str(model.seed),
-                                         "univ.model_dir": str(model.directory), "univ.sae_dir": str(sae.directory),
-                                         "univ.activations_dir": str(result.activations[name].directory)})
+                                         "univ.model_dir": str(model.directory.resolve()),
+                                         "univ.sae_dir": str(sae.directory.resolve()),
+                                         "univ.activations_dir": str(result.activations[name].directory.resolve())})
         sae_final = {k: v for k, v in sae.metrics.items() if k not in ("densities", "log10_density_hist")}
         transformer = [*curves(model.history, "transformer/", model.metrics and
                                  {k: model.metrics[k] for k in ("unigram_ce", "bigram_ce")}),
@@ -387,7 +423,14 @@ def downloaded(client: MlflowClient, run_id: str, artifacts: Mapping[str, str], 
         yield paths
 
 
-def seed_sources(client: MlflowClient, parent, seed: int) -> RunSources:
+def stage_folder(recorded: str, results_dir: Path) -> Path:
+    """A stage folder recorded on a run: absolute as univ records them, or, from an older run, a relative
+    ``<results>/cache/<stage>/<key>`` (relative to where that run was started), found under ``results_dir``."""
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(results_dir) / "cache" / path.parent.name / path.name
+
+
+def seed_sources(client: MlflowClient, parent, seed: int, results_dir: Path) -> RunSources:
     """A seed's card sources, from the stage folders its child run recorded (they must be on this machine)."""
     from universality.tokenization import load_tokenizer
 
@@ -398,8 +441,8 @@ def seed_sources(client: MlflowClient, parent, seed: int) -> RunSources:
     if not children:
         raise UnivError(f"run {parent_id} has no seed {seed} (its seeds: {parent.data.params.get('seeds')})")
     tags, params = children[0].data.tags, parent.data.params
-    data_dir = Path(parent.data.tags["univ.data_dir"])
-    folders = [data_dir, *(Path(tags[f"univ.{k}_dir"]) for k in ("model", "sae", "activations"))]
+    data_dir = stage_folder(parent.data.tags["univ.data_dir"], results_dir)
+    folders = [data_dir, *(stage_folder(tags[f"univ.{k}_dir"], results_dir) for k in ("model", "sae", "activations"))]
     missing = [f for f in folders if not f.is_dir()]
     if missing:
         raise UnivError(f"stage folder {missing[0]} of run {parent_id} is not on this machine")
