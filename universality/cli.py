@@ -129,7 +129,7 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, trac
 def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):
     """The --grid specs as axes; a malformed one is a usage error (one line) before any work."""
     from universality.errors import ConfigError
-    from universality.sweep import parse_grid
+    from universality.grid import parse_grid
 
     try:
         return parse_grid(specs)
