@@ -103,10 +103,10 @@ def train_transformer(
         optimizer.step()
         scheduler.step()
         done = step + 1
+        loss_value = loss.item()  # every step: one scalar to the host is cheap beside the step, and names the step
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"transformer training diverged at step {done} (loss {loss_value})")
         if done % cfg.eval_every == 0 or done == cfg.steps or step == 0:
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"transformer training diverged at step {done} (loss {loss_value})")
             eval_loss = evaluate(model, quick_eval, cfg.batch_size, device)
             result.history.append({"step": done, "train_loss": loss_value, "eval_loss": eval_loss, "lr": scheduler.get_last_lr()[0]})
             bar.set_postfix(loss=f"{loss_value:.3f}", eval=f"{eval_loss:.3f}")
