@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from universality import reports, tracking
+from universality.errors import DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,11 +27,40 @@ def test_universality_histogram_is_a_png_and_tolerates_excluded_features():
     assert base64.b64encode(figure.png).decode() in figure.html()
 
 
-def test_scatter_figures_skip_features_without_partner():
+def test_scatter_figures_plot_only_features_with_a_partner(monkeypatch):
+    points = {}  # figure name -> the (x, y) offsets of each scatter series, read before the figure is rendered
+    render = reports.render
+    def recording_render(fig, name, caption):
+        points[name] = [np.asarray(c.get_offsets()) for c in fig.axes[0].collections]
+        return render(fig, name, caption)
+    monkeypatch.setattr(reports, "render", recording_render)
     table = pd.DataFrame({"feature_b": [3, -1, 0], "corr": [0.8, np.nan, 0.2], "mutual": [True, False, False],
                           "density_a": [1e-3, 0.0, 1e-2], "logit_corr": [0.3, np.nan, -0.1]})
     for figure in (reports.density_scatter(table, "t"), reports.logit_scatter(table, "t")):
         assert figure.png.startswith(PNG_MAGIC)
+    density, *legend_only = points["density_vs_corr.png"]
+    np.testing.assert_array_equal(density, [[1e-3, 0.8], [1e-2, 0.2]])  # feature 1 (no partner) is not drawn
+    assert all(series.size == 0 for series in legend_only)
+    matched_only, mutual = points["logit_vs_activation.png"]
+    np.testing.assert_array_equal(matched_only, [[0.2, -0.1]])
+    np.testing.assert_array_equal(mutual, [[0.8, 0.3]])
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/hostname", "..", "sub/dir.png"])
+def test_cached_figure_index_naming_a_path_is_rejected(tmp_path, name):
+    """A tampered figure index (a cache on a shared filesystem) must not make univ read files outside it."""
+    (tmp_path / "outside.png").write_bytes(PNG_MAGIC + b"not ours")
+    stage = tmp_path / "stage"
+    (stage / "figures").mkdir(parents=True)
+    (stage / "figures" / reports.FIGURE_INDEX).write_text(json.dumps({name: "caption"}))
+    with pytest.raises(DataError, match="not a plain figure file name"):
+        reports.drawn_once(stage, lambda: [])
+
+
+def test_cached_figures_are_read_back_by_name(tmp_path):
+    drawn = [reports.Figure("a.png", "caption a", PNG_MAGIC + b"a")]
+    assert reports.drawn_once(tmp_path, lambda: drawn) == drawn
+    assert reports.drawn_once(tmp_path, lambda: []) == drawn  # the second call reads the cache
 
 
 @pytest.mark.slow

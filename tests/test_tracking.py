@@ -66,7 +66,11 @@ def check_run_structure(client: MlflowClient) -> None:
     assert {"model/model.safetensors", "model/config.json", "tokenizer/tokenizer.json", "sae/cfg.json",
             "sae/sae_weights.safetensors", "figures/density_histogram.png"} <= artifacts(client, seed)
     pair = children["seed0-vs-seed1"]
-    assert -1 <= pair.data.metrics["Universality/features_median_max_corr"] <= 1
+    matched, _ = tracking.load_tables(client, parent.info.run_id)
+    forward = matched[(matched.seed_a == 0) & (matched.seed_b == 1) & (matched.sae_a == 0) & (matched.sae_b == 0)]
+    logged = pair.data.metrics["Universality/features_median_max_corr"]
+    assert logged == pytest.approx(forward["corr"].median(), abs=1e-6)  # the median over the table's partners
+    assert parent.data.metrics["Universality/features_median_max_corr"] == pytest.approx(logged)  # one pair's mean
     assert REPORT_FILES <= artifacts(client, pair.info.run_id)
     check_metric_sections(client, parent, pair, ceiling="replicate-pair" in runs)
 

@@ -229,7 +229,8 @@ def pair_report(pair: PairResult, figures: Sequence[Figure], matched: pd.DataFra
 
 
 def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
-               summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources], figure: Figure) -> str:
+               summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources],
+               sae_metrics: Mapping[str, Mapping], figure: Figure) -> str:
     """The whole run: universality beside its ceiling and baselines, pooled histogram, per-pair rows, the
     randomized control, feature cards."""
     per_pair = "".join(
@@ -248,6 +249,7 @@ def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult
                                                      "features.logit_corr_median_mutual", "cka")}
     first = sources[pairs[0].run_a]
     body = ("<h2>Universality against its ceiling</h2>" + _ceiling_table(summary, len(pairs), len(replicate_pairs), randomized)
+            + "<h2>SAEs: quality and convergence</h2>" + _sae_table(sae_metrics)
             + "<h2>Headline (mean over pairs)</h2>" + _headline_table(pooled)
             + f"<p>Feature families spanning every seed: {summary.get('families.n_all_runs', '–')}.</p>" + control
             + "<h2>Pairs</h2><table><tr><th>pair</th><th>features</th><th>neurons</th><th>rotated neurons</th>"
@@ -281,6 +283,24 @@ def _ceiling_table(summary: Mapping[str, float], n_pairs: int, n_replicate_pairs
             "averages the pairs among the drawn seeds), none with fewer than 3 seeds.</p>")
 
 
+SAE_COLUMNS = (("FVU", "fvu", "{:.3f}"), ("L0", "l0", "{:.1f}"), ("dead", "dead_fraction", "{:.1%}"),
+               ("loss recovered", "loss_recovered", "{:.1%}"),
+               ("converged: activations", "convergence_corr_median", "{:.3f}"),
+               ("converged: decoder", "convergence_decoder_cos_median", "{:.3f}"))
+
+
+def _sae_table(sae_metrics: Mapping[str, Mapping]) -> str:
+    """Each SAE's evaluation on the comparison tokens, and how far it had settled: its features at 75% of
+    training matched to its final ones (median max activation correlation; median one-to-one decoder cosine)."""
+    cell = lambda m, key, fmt: fmt.format(m[key]) if key in m else "–"  # noqa: E731
+    head = "".join(f"<th>{label}</th>" for label, _, _ in SAE_COLUMNS)
+    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{cell(m, key, fmt)}</td>" for _, key, fmt in SAE_COLUMNS) + "</tr>"
+                   for name, m in sae_metrics.items())
+    return (f"<table><tr><th>SAE</th>{head}</tr>{body}</table><p>Converged: each final feature's max activation "
+            "correlation with the SAE as it was at 75% of training (median), and the median cosine of one-to-one "
+            "matched decoder vectors; 1 means the dictionary had stopped moving.</p>")
+
+
 def pooled_max_corr(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult] = ()) -> dict[str, np.ndarray]:
     """Each basis's max correlations over all pairs; the replicate pairs' features as the "ceiling" basis."""
     pooled = {basis: np.concatenate([p.max_corr[basis] for p in pairs]) for basis in pairs[0].max_corr}
@@ -307,10 +327,11 @@ def write_pair_report(pair: PairResult, matched: pd.DataFrame, sources: Mapping[
 
 def write_run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
                      summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources],
-                     folder: Path) -> Path:
+                     sae_metrics: Mapping[str, Mapping], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     figure = universality_histogram(pooled_max_corr(pairs, replicate_pairs),
                                     "all pairs: max activation correlation per feature")
     write_figure(figure, folder)
-    write_text(folder / "report.html", run_report(pairs, replicate_pairs, randomized, summary, matched, sources, figure))
+    write_text(folder / "report.html", run_report(pairs, replicate_pairs, randomized, summary, matched, sources,
+                                                  sae_metrics, figure))
     return folder

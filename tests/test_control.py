@@ -1,0 +1,100 @@
+"""The randomized-transformer control end to end on the fast tiny config (weight shuffling, the control
+pair, the randomized.* statistics, its MLflow child run and report), in a run started from a relative
+results folder that ``univ features`` then reads from another folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from fast_pipeline import fast_cfg, run_fast
+
+from universality import tracking
+from universality.cli import main
+
+CONTROLS = ("shuffled-seed0-1", "shuffled-seed0-2")
+
+
+@pytest.fixture(scope="module")
+def control_run(tmp_path_factory):
+    """(results folder, RunResult, parent run id) of a tracked two-seed run with the control, started as
+    ``univ run --results-dir results`` would be from the folder above it."""
+    base = tmp_path_factory.mktemp("control")
+    cfg = fast_cfg().replace(compare={"randomized_baseline": True}, sae={"replicates": 0})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(base)
+        with tracking.tracked_run(Path("results"), None, "univ", cfg, [0, 1]) as tracker:
+            result = run_fast(Path("results"), [0, 1], cfg)
+            tracker.log_result(result)
+    return base / "results", result, tracker.run_id
+
+
+@pytest.mark.slow
+def test_control_models_are_weight_shuffled_copies_of_seed0(control_run):
+    _, result, _ = control_run
+    original = result.models["seed0"].model.state_dict()
+    for name in CONTROLS:
+        shuffled = result.models[name].model.state_dict()
+        for key, weights in original.items():
+            assert torch.equal(shuffled[key].flatten().sort().values, weights.flatten().sort().values), (name, key)
+        assert all(not torch.equal(shuffled[key], w) for key, w in original.items() if w.unique().numel() > 1), name
+
+
+@pytest.mark.slow
+def test_control_pair_and_its_statistics(control_run):
+    _, result, _ = control_run
+    control = result.randomized
+    assert (control.run_a, control.run_b) == CONTROLS
+    assert [(p.run_a, p.run_b) for p in result.pairs] == [("seed0", "seed1")]  # the control is not a seed pair
+    for key, value in control.stats.items():
+        assert result.summary[f"randomized.{key}"] == value or np.isnan(value) and np.isnan(result.summary[f"randomized.{key}"])
+    assert result.summary["features.excess_over_randomized"] == pytest.approx(
+        result.summary["features.max_corr_mean_mean"] - control.stats["features.max_corr_mean"])
+    assert 0 < control.stats["features.max_corr_median"] <= 1 and control.stats["features.n_mutual"] > 0
+
+
+@pytest.mark.slow
+def test_control_is_tracked_with_its_own_runs_and_report(control_run):
+    results, result, run_id = control_run
+    client = tracking.open_client(results, None, read_only=True)
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+    kinds = {r.info.run_name: r.data.tags[tracking.KIND] for r in children}
+    assert {name: kinds.get(name) for name in CONTROLS} == dict.fromkeys(CONTROLS, "control-model")
+    pair_name = f"{CONTROLS[0]}-vs-{CONTROLS[1]}"
+    assert kinds[pair_name] == "randomized-pair"
+    pair = next(r for r in children if r.info.run_name == pair_name)
+    expected = {m.key: m.value for m in tracking.metrics_from(result.randomized.stats)}
+    assert expected and {k: pair.data.metrics.get(k) for k in expected} == pytest.approx(expected, nan_ok=True)
+    parent_metrics = client.get_run(run_id).data.metrics
+    assert parent_metrics[tracking.metric_name("randomized.features.max_corr_median")] == pytest.approx(
+        result.randomized.stats["features.max_corr_median"])
+    logged = {a.path for a in client.list_artifacts(pair.info.run_id, "report")}
+    assert "report/report.html" in logged and "report/universality.png" in logged
+    page = (results / "reports" / run_id / "pairs" / pair_name / "report.html").read_text()
+    assert "Randomized-transformer control" in page and page.count("<img") == 4
+
+
+@pytest.mark.slow
+def test_features_from_another_folder_finds_the_stage_folders(control_run, tmp_path, monkeypatch):
+    results, _, run_id = control_run
+    monkeypatch.chdir(tmp_path)  # not where the run was started: recorded stage paths must not depend on it
+    shown = CliRunner().invoke(main, ["features", run_id, "0", "3", "--results-dir", str(results)])
+    assert shown.exit_code == 0, shown.output
+    assert "seed0 feature 3" in shown.output
+    client = tracking.open_client(results, None, read_only=True)
+    seed0 = client.search_runs([client.get_run(run_id).info.experiment_id],
+                               filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`univ.seed` = '0' "
+                                             f"and tags.`{tracking.KIND}` = 'seed'")[0]
+    recorded = [seed0.data.tags[f"univ.{k}_dir"] for k in ("model", "sae", "activations")]
+    assert all(os.path.isabs(path) for path in [*recorded, client.get_run(run_id).data.tags["univ.data_dir"]])
+    for key in ("model", "sae", "activations"):  # a run recorded by an older univ: paths relative to its start folder
+        client.set_tag(seed0.info.run_id, f"univ.{key}_dir", str(Path("results", *Path(seed0.data.tags[f"univ.{key}_dir"]).parts[-3:])))
+    data_dir = Path(client.get_run(run_id).data.tags["univ.data_dir"])
+    client.set_tag(run_id, "univ.data_dir", str(Path("results", *data_dir.parts[-3:])))
+    again = CliRunner().invoke(main, ["features", run_id, "0", "3", "--results-dir", str(results)])
+    assert again.exit_code == 0 and again.output == shown.output, again.output
