@@ -5,10 +5,8 @@ transformers reused across SAE settings."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -16,22 +14,22 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from fast_pipeline import fast_cfg
-from universality import cache, pipeline, sweep, tracking
+from universality import cache, grid, pipeline, sweep, tracking
 from universality.cli import main
 from universality.config import load_preset
 from universality.errors import ConfigError
 
 
 def test_parse_axis_coerces_values_to_the_field_type():
-    assert sweep.parse_axis("sae.samples=819200, 3276800").values == (819200, 3276800)
-    assert sweep.parse_axis("sae.lr=1e-3,3e-3").values == (1e-3, 3e-3)
-    assert sweep.parse_axis("sae.l1_coeff=1").values == (1.0,) and isinstance(sweep.parse_axis("sae.l1_coeff=1").values[0], float)
-    assert sweep.parse_axis("compare.randomized_baseline=true,False").values == (True, False)
-    assert sweep.parse_axis("sae.arch=relu,topk").values == ("relu", "topk")
-    axis = sweep.parse_axis("sae.resample_fractions=[0.2,0.4],[0.5],[]")
+    assert grid.parse_axis("sae.samples=819200, 3276800").values == (819200, 3276800)
+    assert grid.parse_axis("sae.lr=1e-3,3e-3").values == (1e-3, 3e-3)
+    assert grid.parse_axis("sae.l1_coeff=1").values == (1.0,) and isinstance(grid.parse_axis("sae.l1_coeff=1").values[0], float)
+    assert grid.parse_axis("compare.randomized_baseline=true,False").values == (True, False)
+    assert grid.parse_axis("sae.arch=relu,topk").values == ("relu", "topk")
+    axis = grid.parse_axis("sae.resample_fractions=[0.2,0.4],[0.5],[]")
     assert axis.values == ((0.2, 0.4), (0.5,), ()) and axis.name == "sae.resample_fractions"
-    assert [sweep.format_value(v) for v in axis.values] == ["[0.2,0.4]", "[0.5]", "[]"]
-    assert axis.dtype == "string" and sweep.parse_axis("sae.samples=1").dtype == "int64"
+    assert [grid.format_value(v) for v in axis.values] == ["[0.2,0.4]", "[0.5]", "[]"]
+    assert axis.dtype == "string" and grid.parse_axis("sae.samples=1").dtype == "int64"
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -52,22 +50,22 @@ def test_parse_axis_coerces_values_to_the_field_type():
 ])
 def test_bad_specs_are_one_line_config_errors(spec, message):
     with pytest.raises(ConfigError) as info:
-        sweep.parse_axis(spec)
+        grid.parse_axis(spec)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_grid_points_are_the_validated_cartesian_product():
     base = load_preset("tiny")
-    axes = sweep.parse_grid(["sae.samples=20480,40960", "sae.dict_size=128,256,512"])
-    points = sweep.grid_points(base, axes)
+    axes = grid.parse_grid(["sae.samples=20480,40960", "sae.dict_size=128,256,512"])
+    points = grid.grid_points(base, axes)
     assert [(p.cfg.sae.samples, p.cfg.sae.dict_size) for p in points] == [
         (20480, 128), (20480, 256), (20480, 512), (40960, 128), (40960, 256), (40960, 512)]
     assert points[1].label == "sae.samples=20480 sae.dict_size=256"
     assert all(p.cfg.train == base.train and p.cfg.sae.lr == base.sae.lr for p in points)
     with pytest.raises(ConfigError, match="more than once"):
-        sweep.parse_grid(["sae.samples=1", "sae.samples=2"])
+        grid.parse_grid(["sae.samples=1", "sae.samples=2"])
     with pytest.raises(ConfigError, match=r"^grid point sae.samples=100: sae.samples must be >= sae.batch_size$"):
-        sweep.grid_points(base, sweep.parse_grid(["sae.samples=100,40960"]))
+        grid.grid_points(base, grid.parse_grid(["sae.samples=100,40960"]))
 
 
 def _fake_result(summary: dict, sae_metrics: list[dict]):
@@ -78,8 +76,8 @@ def _fake_result(summary: dict, sae_metrics: list[dict]):
 
 
 def test_summary_rows_take_missing_statistics_as_nan_and_average_the_seeds():
-    axes = sweep.parse_grid(["sae.dict_size=128,256", "sae.arch=relu,topk"])
-    points = sweep.grid_points(load_preset("tiny"), axes)
+    axes = grid.parse_grid(["sae.dict_size=128,256", "sae.arch=relu,topk"])
+    points = grid.grid_points(load_preset("tiny"), axes)
     stats = ("features.max_corr_median_mean", "ceiling.features.max_corr_median_mean")
     rows = [sweep.summary_row(point, _fake_result({"features.max_corr_median_mean": 0.1 * i},
                                                   [{"dead_fraction": 0.1}, {"dead_fraction": 0.3, "convergence_corr_median": 0.9}]),

@@ -148,13 +148,16 @@ def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):
 def sweep(axes, stats, seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
           jobs, backend, scheduler, sae_replicates) -> None:
     """Run the experiment at every point of a grid of config fields; tabulate and plot statistics against each axis."""
-    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates)  # fails before torch loads
+    from universality.grid import grid_points
+
+    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates)
+    points = grid_points(cfg, axes)  # every point's config is checked before torch loads
     from universality import sweep as sweeps
     from universality.orchestration import Engine
 
     engine = Engine(jobs, backend, scheduler)
     stats = tuple(dict.fromkeys(stats)) or sweeps.DEFAULT_STATS
-    result = sweeps.run_sweep(cfg, axes, chosen, results_dir, stats=stats, device=device,
+    result = sweeps.run_sweep(axes, points, chosen, results_dir, stats=stats, device=device,
                               engine=engine, tracking_uri=tracking_uri, experiment=experiment, echo=click.echo)
     click.echo(sweeps.format_table(result.table))
     click.echo(f"summary table and figure in {result.files[0].parent}")
