@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -71,6 +72,40 @@ def test_done_marker_checksums_detect_corruption_and_truncation(tmp_path):
     (folder / "weights.bin").write_bytes(b"\x01" * 10)
     assert not cache.is_complete(folder)
     assert [e.state for e in cache.entries(tmp_path.parent, None)] == []  # not under <results>/cache
+
+
+def test_same_size_rewrite_within_one_timestamp_tick_is_caught(tmp_path):
+    """A file rewritten in place with the same size, its mtime as before (as when both writes fall in one
+    coarse timestamp tick): the (size, mtime) memo of verified hashes must not hide it."""
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    weights = folder / "weights.bin"
+    weights.write_bytes(b"\x01" * 1000)
+    cache.mark_complete(folder, {}, "a test stage")
+    assert cache.is_complete(folder)
+    before = weights.stat()
+    with open(weights, "r+b") as f:  # in place: the same inode
+        f.seek(500)
+        f.write(b"\x02")
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns, weights.stat().st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino)
+    assert not cache.is_complete(folder)
+
+
+def test_verified_hashes_are_reused_only_for_files_older_than_a_timestamp_tick(tmp_path, monkeypatch):
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"\x01" * 1000)
+    cache.mark_complete(folder, {}, "a test stage")
+    hashed = []
+    real = cache.file_sha256
+    monkeypatch.setattr(cache, "file_sha256", lambda path: hashed.append(path) or real(path))
+    assert cache.is_complete(folder) and cache.is_complete(folder)
+    assert len(hashed) == 2  # written just now: a same-tick change could still come unseen, so hashed each time
+    monkeypatch.setattr(cache, "TIMESTAMP_TICK_NS", -10**18)  # as if the files were old
+    assert cache.is_complete(folder) and cache.is_complete(folder) and cache.is_complete(folder)
+    assert len(hashed) == 3  # hashed once more, then trusted while size, times and inode stay
 
 
 def test_damaged_training_checkpoint_is_ignored(tmp_path):

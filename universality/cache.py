@@ -32,6 +32,7 @@ LOCK = ".lock"
 SCRATCH = "resume"  # a stage's resumable training checkpoints: not part of its output
 STAGES = ("data", "model", "sae", "evaluation", "activations", "pair")
 _HASH_CHUNK = 1 << 22
+TIMESTAMP_TICK_NS = 2_000_000_000  # the coarsest file timestamp step allowed for (FAT, SMB: 2 s; ext4: a jiffy)
 _verified: dict[Path, tuple] = {}  # stage folder -> stat signature of its files when their hashes last matched
 _locked_at: dict[Path, float] = {}  # stage folder -> when this process took its lock (build time in done.json)
 
@@ -88,24 +89,38 @@ def _intact(directory: Path, files: dict[str, dict[str, Any]], hashes: bool) -> 
 
 
 def _signature(directory: Path, names: list[str]) -> tuple | None:
+    """(name, size, mtime, ctime, inode) of each file: a replaced file has a new inode, a rewritten one new
+    times, except a same-size rewrite within one timestamp tick (``_remember`` allows for that)."""
     try:
-        return tuple((name, (directory / name).stat().st_size, (directory / name).stat().st_mtime_ns) for name in names)
+        stats = [(directory / name).stat() for name in names]
     except OSError:
         return None
+    return tuple((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for name, st in zip(names, stats))
+
+
+def _remember(directory: Path, signature: tuple | None, taken_ns: int) -> None:
+    """Trust ``signature`` (taken at ``taken_ns``) next time only if no file changed within a timestamp tick
+    before it: a second same-size change in that tick would leave it as it is (git's "racily clean" rule),
+    so a folder written just now is hashed again when next checked."""
+    if signature is not None and all(ctime < taken_ns - TIMESTAMP_TICK_NS for *_, ctime, _ in signature):
+        _verified[directory] = signature
+    else:
+        _verified.pop(directory, None)
 
 
 def is_complete(directory: Path) -> bool:
     """Whether the stage finished and its files are intact (sizes and sha256 as recorded). Files
-    hashed once in this process are not hashed again while their size and mtime stay the same."""
+    hashed once in this process are not hashed again while their size, times and inode stay the same."""
     done = _read_done(directory)
     if done is None:
         return False
+    taken = time.time_ns()
     signature = _signature(directory, [DONE, *done["files"]])
     if signature is not None and _verified.get(directory) == signature:
         return True
     intact = signature is not None and _intact(directory, done["files"], hashes=True)
     if intact:
-        _verified[directory] = signature
+        _remember(directory, signature, taken)
     return intact
 
 
@@ -114,7 +129,6 @@ def mark_complete(directory: Path, summary: dict[str, Any], label: str = "") -> 
     seconds = time.perf_counter() - _locked_at.get(directory, time.perf_counter())
     done = {"label": label, "seconds": round(seconds, 3), "summary": summary, "files": manifest(directory)}
     write_text(directory / DONE, json.dumps(done, indent=1, default=str))
-    _verified[directory] = _signature(directory, [DONE, *done["files"]])  # just hashed: no need to again
 
 
 def read_summary(directory: Path) -> dict[str, Any]:
