@@ -3,6 +3,11 @@
 Shapes: B batch, D input dims (d_in), F features (d_sae). Parameters are laid out as SAELens's:
 ``W_enc`` [D, F], ``b_enc`` [F], ``W_dec`` [F, D] (one unit-norm decoder vector per row), ``b_dec`` [D].
 The paper's math: x̄ = x − b_dec; f = ReLU(x̄ W_enc + b_enc); x̂ = f W_dec + b_dec.
+
+Precision: the parameters (and Adam's state) are always float32. With ``matmul_dtype = torch.bfloat16``
+(what the trainer sets for bf16 training) the two big matmuls and their gradients run on bf16 copies of
+the weights, and the gradients come back in float32: explicit casts, not autocast, so that every op's
+precision is visible here and the encoder's backward stays one matmul (see ``_Encoder``).
 """
 
 from __future__ import annotations
@@ -25,10 +30,19 @@ class SAEOutput(NamedTuple):
 class SAELoss(NamedTuple):
     loss: Tensor  # scalar: what the optimizer minimizes
     mse: Tensor  # scalar: squared error, mean over vector elements
-    l1: Tensor  # scalar: sum over features of |f|, mean over the batch (logged for every arch)
+    l1: Tensor  # scalar: sum over features of |f|, mean over the batch (logged for every arch; detached)
     aux: Tensor  # scalar: the architecture's auxiliary loss (0 when it has none)
-    f: Tensor  # [B, F] feature activations (detached)
-    fired_F: Tensor  # [F] bool: features active on some input of the batch (dead-feature bookkeeping)
+    fires_F: Tensor  # [F] int64: inputs of the batch each feature is active on (L0, dead and ultralow bookkeeping)
+
+
+def stats_dtype(t: Tensor) -> torch.dtype:
+    """What sums of ``t`` are accumulated in: float32 for bf16 (or float32) tensors, float64 for float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def batch_stats(f_BF: Tensor) -> tuple[Tensor, Tensor]:
+    """(L1 per input, firing counts [F]) of a batch of features f ≥ 0."""
+    return f_BF.sum(dtype=stats_dtype(f_BF)) / len(f_BF), (f_BF > 0).sum(dim=0)
 
 
 class SAE(nn.Module):
@@ -51,12 +65,14 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec_FD.T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.matmul_dtype: torch.dtype | None = None  # None: the parameters' dtype; torch.bfloat16 for bf16 training
+
+    def _dtype(self) -> torch.dtype:
+        return self.matmul_dtype or self.W_enc.dtype
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
-        """x̄ W_enc + b_enc, written as x W_enc + (b_enc − b_dec W_enc): the same value, but b_dec's
-        gradient through the encoder then costs a vector-matrix product instead of a [B, F] x [F, D] matmul."""
-        bias_F = torch.addmv(self.b_enc, self.W_enc.T, self.b_dec, alpha=-1)
-        return torch.addmm(bias_F, x_BD, self.W_enc)
+        """x̄ W_enc + b_enc (in the matmul dtype)."""
+        return _Encoder.apply(x_BD, self.W_enc, self.b_enc, self.b_dec, self._dtype())
 
     def activation(self, pre_BF: Tensor) -> Tensor:
         """Pre-activations -> features; the paper's ReLU by default."""
@@ -65,8 +81,13 @@ class SAE(nn.Module):
     def encode(self, x_BD: Tensor) -> Tensor:
         return self.activation(self.pre_acts(x_BD))
 
+    def directions_sum(self, f_BF: Tensor) -> Tensor:
+        """f W_dec: the decoder without its bias, as float32 (or the parameters' dtype) whatever the matmul dtype."""
+        dtype = self._dtype()
+        return (f_BF.to(dtype) @ self.W_dec.to(dtype)).to(self.W_dec.dtype)
+
     def decode(self, f_BF: Tensor) -> Tensor:
-        return torch.addmm(self.b_dec, f_BF, self.W_dec)
+        return self.directions_sum(f_BF) + self.b_dec
 
     def forward(self, x_BD: Tensor) -> SAEOutput:
         pre_BF = self.pre_acts(x_BD)
@@ -77,7 +98,7 @@ class SAE(nn.Module):
         """Per-input sparsity penalty [B] added to the reconstruction loss; none by default."""
         return f_BF.new_zeros(f_BF.shape[0])
 
-    def aux_loss(self, x_BD: Tensor, out: SAEOutput, dead_F: Tensor | None) -> Tensor:
+    def aux_loss(self, x_BD: Tensor, x_hat_BD: Tensor, pre_BF: Tensor, dead_F: Tensor | None) -> Tensor:
         """An auxiliary loss (e.g. TopK's AuxK on dead features); none by default."""
         return x_BD.new_zeros(())
 
@@ -90,10 +111,9 @@ class SAE(nn.Module):
         """The training loss; ``dead_F`` marks features that have not fired lately (for aux losses)."""
         out = self(x_BD)
         mse = (out.x_hat - x_BD).pow(2).mean()
-        aux = self.aux_loss(x_BD, out, dead_F)
-        f_BF = out.f.detach()
-        sum_F = f_BF.sum(dim=0)  # one pass gives both the L1 and which features fired
-        return SAELoss(mse + self.penalty(out.f).mean() + aux, mse, sum_F.sum() / len(f_BF), aux, f_BF, sum_F > 0)
+        aux = self.aux_loss(x_BD, out.x_hat, out.pre_acts, dead_F)
+        l1, fires_F = batch_stats(out.f.detach())
+        return SAELoss(mse + self.penalty(out.f).mean() + aux, mse, l1, aux, fires_F)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
@@ -103,3 +123,29 @@ class SAE(nn.Module):
         f = relu((s x − b_dec) W_enc + b_enc) = s · relu((x − b_dec/s) W_enc + b_enc/s)."""
         self.b_enc /= scale
         self.b_dec /= scale
+
+
+class _Encoder(torch.autograd.Function):
+    """pre = x̄ W_enc + b_enc with x̄ = x − b_dec, the matmul in ``dtype`` (the parameters stay float32).
+
+    Its backward is what autograd would give, in fewer operations: W_enc's gradient is one matmul x̄ᵀ g
+    (autograd of x W_enc + (b_enc − b_dec W_enc) adds an outer product to it), and b_dec's gradient
+    through the encoder, −W_enc Σ_B g, is a matrix-vector product instead of a [B, F] x [F, D] matmul."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor, dtype: torch.dtype) -> Tensor:
+        xbar_BD = (x_BD - b_dec_D).to(dtype)
+        W_DF = W_enc_DF.to(dtype)
+        ctx.save_for_backward(xbar_BD, W_enc_DF)
+        return torch.addmm(b_enc_F.to(dtype), xbar_BD, W_DF)
+
+    @staticmethod
+    def backward(ctx, g_BF: Tensor) -> tuple[Tensor | None, ...]:
+        xbar_BD, W_enc_DF = ctx.saved_tensors
+        g_b_enc_F = g_BF.sum(dim=0, dtype=W_enc_DF.dtype)
+        g_W_enc_DF = (xbar_BD.T @ g_BF.to(xbar_BD.dtype)).to(W_enc_DF.dtype) if ctx.needs_input_grad[1] else None
+        g_b_dec_D = -(W_enc_DF @ g_b_enc_F) if ctx.needs_input_grad[3] else None
+        g_x_BD = None
+        if ctx.needs_input_grad[0]:
+            g_x_BD = (g_BF.to(xbar_BD.dtype) @ W_enc_DF.to(xbar_BD.dtype).T).to(W_enc_DF.dtype)
+        return g_x_BD, g_W_enc_DF, g_b_enc_F, g_b_dec_D, None

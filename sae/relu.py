@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae.base import SAE, SAELoss
+from sae.base import SAE, SAELoss, batch_stats
 
 
 class ReLUSAE(SAE):
@@ -22,15 +22,14 @@ class ReLUSAE(SAE):
         pre_BF = self.pre_acts(x_BD)
         f_BF = _ReLUWithL1Grad.apply(pre_BF, self.cfg.l1_coeff / len(x_BD))
         mse = (self.decode(f_BF) - x_BD).pow(2).mean()
-        f_BF = f_BF.detach()
-        sum_F = f_BF.sum(dim=0)
-        l1 = sum_F.sum() / len(f_BF)
-        zero = mse.new_zeros(())
-        return SAELoss(mse + self.cfg.l1_coeff * l1, mse, l1, zero, f_BF, sum_F > 0)
+        l1, fires_F = batch_stats(f_BF.detach())
+        return SAELoss(mse + self.cfg.l1_coeff * l1, mse, l1, mse.new_zeros(()), fires_F)
 
 
 class _ReLUWithL1Grad(torch.autograd.Function):
-    """f = ReLU(pre) whose backward also adds d(coeff · Σ f)/df = coeff before applying the ReLU mask."""
+    """f = ReLU(pre) whose backward also adds d(coeff · Σ f)/df = coeff before applying the ReLU mask.
+    Works in whatever dtype ``pre`` has (bf16 in bf16 training: coeff is then added in bf16, whose
+    exponent range is float32's, so a small coeff is rounded relatively, not flushed to 0)."""
 
     @staticmethod
     def forward(ctx, pre_BF: Tensor, coeff: float) -> Tensor:
