@@ -40,25 +40,32 @@ def saelens_fields(sae: SAE) -> dict[str, Any]:
 
 def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint into ``out_dir`` (created if needed); returns it. With a ``TrainedSAE``,
-    its history, resampling events and input scale go into ``metrics.json`` too."""
+    its history, resampling events, input scale and precision go into ``metrics.json`` too, and its
+    snapshot (if any) into ``snapshot.safetensors``."""
     sae = trained_or_sae.sae if isinstance(trained_or_sae, TrainedSAE) else trained_or_sae
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / COMPLETE_MARKER).unlink(missing_ok=True)
+    (out / SNAPSHOT_FILE).unlink(missing_ok=True)
 
-    tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous() for name in PARAM_NAMES}
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp))
+    _save_parameters({name: getattr(sae, name) for name in PARAM_NAMES}, out / WEIGHTS_FILE)
+    if isinstance(trained_or_sae, TrainedSAE) and trained_or_sae.snapshot is not None:
+        _save_parameters(trained_or_sae.snapshot, out / SNAPSHOT_FILE)
     sae_cfg = {**saelens_fields(sae), **dataclasses.asdict(cfg)}
     all_metrics = dict(metrics or {})
     if isinstance(trained_or_sae, TrainedSAE):
         sae_cfg["input_scale_folded"] = trained_or_sae.input_scale
         all_metrics.update(history=trained_or_sae.history, resampling_events=trained_or_sae.resampling_events,
-                           input_scale=trained_or_sae.input_scale)
+                           input_scale=trained_or_sae.input_scale, precision=trained_or_sae.precision)
     write_text(out / CFG_FILE, json.dumps(sae_cfg, indent=2))
     write_text(out / METRICS_FILE, json.dumps(all_metrics, indent=2, default=_jsonable))
     write_text(out / COMPLETE_MARKER, "")
     return out
+
+
+def _save_parameters(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file({name: tensors[name].detach().to("cpu", torch.float32).contiguous() for name in PARAM_NAMES}, str(tmp))
 
 
 def is_complete(out_dir: str | Path) -> bool:

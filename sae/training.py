@@ -1,13 +1,16 @@
-"""The SAE trainer: Adam with unit-norm decoder vectors, input normalization, dead-feature resampling.
+"""The SAE trainer: Adam with unit-norm decoder vectors, input normalization, dead-feature resampling,
+a warm-up / decay learning-rate schedule, bf16 matmuls where the hardware runs them fast, and a snapshot
+of the SAE part-way through (for the convergence diagnostic).
 
 It knows nothing about any one architecture: each SAE class supplies its loss (``SAE.loss``).
-Per step it does one forward, one backward, one optimizer step and a [F]-sized dead-feature
-update; statistics stay on the device and are read only when a history row is logged.
+Per step it does one forward, one backward, one optimizer step and [F]-sized firing updates;
+statistics stay on the device and are read only when a history row is logged.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -30,14 +33,57 @@ from universality.progress import bar as progress_bar
 INIT_SAMPLES = 16_384  # rows that set the input scale and the geometric-median b_dec
 LOG_POINTS = 100  # history rows per run (about every 1% of steps)
 CHECKPOINT_POINTS = 10  # resumable checkpoints per run, when a checkpoint folder is given
+# "Ultralow" in the history rows: a feature that is not dead (it fired within the dead window) but fired on
+# fewer than max(ULTRALOW_MIN_FIRINGS, ULTRALOW_DENSITY × n) of the n inputs of the last completed dead
+# window (windows tile the run: steps 1..w, w+1..2w, ...): a feature on its way to dying. The firing floor
+# is there because a short run's window cannot resolve a density of 1e-5 (quick: 65K inputs per window);
+# 10 firings is also the comparison's floor (compare.min_firings) below which a feature is too rare to use.
+ULTRALOW_DENSITY = 1e-5
+ULTRALOW_MIN_FIRINGS = 10
 
 
 @dataclass
 class TrainedSAE:
     sae: SAE  # the input scale is folded in: it works on raw activations
-    history: list[dict[str, float]] = field(default_factory=list)  # {step, loss, mse, l1, aux, l0, dead}
+    # {step, loss, mse, l1, aux, l0 (means since the previous row), dead, ultralow (counts now), lr}
+    history: list[dict[str, float]] = field(default_factory=list)
     resampling_events: list[dict[str, int]] = field(default_factory=list)  # {step, n_resampled}
     input_scale: float = 1.0  # training saw inputs × input_scale (so that E[||x||²] = d_in)
+    # The parameters at cfg.snapshot_fraction of the steps, input scale folded in like ``sae``'s (float32, CPU);
+    # None when the run has no snapshot step.
+    snapshot: dict[str, Tensor] | None = None
+    precision: str = "fp32"  # the matmul precision it was trained in ("fp32" | "bf16")
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """"fp32" or "bf16" for a config's ``precision``: "auto" is bf16 where the hardware runs bf16 matmuls fast
+    (CUDA GPUs with bf16 support; CPUs with AVX512-BF16 or AMX, where oneDNN's bf16 matmul runs about 2x
+    float32), else fp32 (elsewhere bf16 is emulated and slower than float32)."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        # torch.cpu's feature probes (from the cpuinfo library, on every OS; AMX implies AVX512-BF16 hardware).
+        return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+    return "fp32"
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, decay_steps: int) -> float:
+    """The learning-rate multiplier at 1-based ``step``: linear from 1/warmup to 1 over the first
+    ``warmup_steps``, 1, then linear down to 1/decay at the last step over the final ``decay_steps``."""
+    factor = 1.0
+    if warmup_steps > 0:
+        factor = min(factor, step / warmup_steps)
+    if decay_steps > 0:
+        factor = min(factor, (steps - step + 1) / decay_steps)
+    return factor
+
+
+def fraction_step(fraction: float, steps: int) -> int:
+    """The step at ``fraction`` of a run of ``steps`` (at least 1 for a positive fraction; 0 for 0)."""
+    return max(1, round(fraction * steps)) if fraction > 0 else 0
 
 
 def input_scale(x_ND: Tensor) -> float:
@@ -70,75 +116,128 @@ def train_sae(
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample_ND * scale))
     sae.to(device)
+    precision = resolve_precision(cfg.precision, device)
+    sae.matmul_dtype = torch.bfloat16 if precision == "bf16" else None  # weights and Adam state stay float32
     optimizer = ConstrainedAdam(sae.parameters(), [sae.W_dec], lr=cfg.lr)
 
     window = max(1, round(cfg.dead_window_fraction * steps))
     resample_steps = {round(f * steps) for f in cfg.resample_fractions} & set(range(1, steps)) if sae.resamples_dead else set()
+    warmup_steps, decay_steps = fraction_step(cfg.lr_warmup_fraction, steps), fraction_step(cfg.lr_decay_fraction, steps)
+    snapshot_step = fraction_step(cfg.snapshot_fraction, steps)
+    ultralow_below = max(ULTRALOW_MIN_FIRINGS, ULTRALOW_DENSITY * window * cfg.batch_size)
     log_every = max(1, steps // LOG_POINTS)
-    last_fired_F = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    sums = torch.zeros(4, device=device)  # loss, mse, l1, aux since the last history row
-    trained = TrainedSAE(sae, input_scale=scale)
-    progress_state = _Progress(trained, optimizer, generator, last_fired_F, sums)
-    start = progress_state.resume(checkpoint_dir) if checkpoint_dir is not None else 0
+    trained = TrainedSAE(sae, input_scale=scale, precision=precision)
+    state = _Progress(trained, optimizer, generator, _Firing.new(sae.d_sae, device), torch.zeros(5, device=device))
+    start = state.resume(checkpoint_dir) if checkpoint_dir is not None else 0
     checkpoint_every = max(1, steps // CHECKPOINT_POINTS)
     source = itertools.chain(first, batches)
-    collections.deque(itertools.islice(source, progress_state.consumed), maxlen=0)  # replay to the checkpoint
+    collections.deque(itertools.islice(source, state.consumed), maxlen=0)  # replay to the checkpoint
     bar = progress_bar(total=steps, initial=start, disable=not progress, desc=f"SAE {cfg.arch}", unit="step", leave=False)
 
     for step in range(start + 1, steps + 1):
         x_BD = next(source).to(device, torch.float32) * scale
-        progress_state.consumed += 1
-        dead_F = (step - last_fired_F) >= window
-        out = sae.loss(x_BD, dead_F)
+        state.consumed += 1
+        lr = cfg.lr * lr_factor(step, steps, warmup_steps, decay_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        out = sae.loss(x_BD, state.firing.dead(step, window))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        last_fired_F.masked_fill_(out.fired_F, step)
-        sums += torch.stack([out.loss.detach(), out.mse.detach(), out.l1, out.aux.detach()])
+        state.firing.update(out.fires_F, step, window)
+        l0 = out.fires_F.sum() / len(x_BD)
+        state.sums += torch.stack([out.loss.detach(), out.mse.detach(), out.l1, out.aux.detach(), l0]).float()
 
         if step in resample_steps:
-            _check_finite(sums, step)
+            _check_finite(state.sums, step)
             resample_batches = list(itertools.islice(source, math.ceil(cfg.resample_inputs / cfg.batch_size)))
-            progress_state.consumed += len(resample_batches)
+            state.consumed += len(resample_batches)
             inputs_ND = torch.cat(resample_batches)
-            dead_now_F = (step - last_fired_F) >= window
-            n = resample_dead(sae, optimizer, dead_now_F, inputs_ND.to(device, torch.float32) * scale, generator)
-            last_fired_F[dead_now_F] = step  # a resampled feature gets a fresh window to fire in
+            dead_F = state.firing.dead(step, window)
+            n = resample_dead(sae, optimizer, dead_F, inputs_ND.to(device, torch.float32) * scale, generator)
+            state.firing.restart(dead_F, step)
             trained.resampling_events.append({"step": step, "n_resampled": n})
+        if step == snapshot_step:
+            trained.snapshot = _folded_parameters(sae, scale)
         if step % log_every == 0 or step == steps:
             n_logged = step - (trained.history[-1]["step"] if trained.history else 0)
-            loss, mse, l1, aux = (sums / n_logged).tolist()
-            _check_finite(sums, step)
-            row = {"step": step, "loss": loss, "mse": mse, "l1": l1, "aux": aux,
-                   "l0": float((out.f > 0).sum(dim=1).float().mean()),
-                   "dead": int(((step - last_fired_F) >= window).sum())}
+            _check_finite(state.sums, step)
+            loss, mse, l1, aux, l0 = (state.sums / n_logged).tolist()
+            dead_F = state.firing.dead(step, window)
+            row = {"step": step, "loss": loss, "mse": mse, "l1": l1, "aux": aux, "l0": l0, "dead": int(dead_F.sum()),
+                   "ultralow": int(state.firing.ultralow(dead_F, ultralow_below).sum()), "lr": lr}
             trained.history.append(row)
-            sums.zero_()
+            state.sums.zero_()
             bar.update(n_logged)
-            bar.set_postfix(mse=f"{mse:.4f}", l0=f"{row['l0']:.1f}", dead=row["dead"])
+            bar.set_postfix(mse=f"{mse:.4f}", l0=f"{l0:.1f}", dead=row["dead"])
         if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
-            progress_state.save(checkpoint_dir, step)
+            state.save(checkpoint_dir, step)
     bar.close()
+    sae.matmul_dtype = None  # the returned SAE computes in float32, like any loaded one
     sae.fold_input_scale(scale)
     return trained
+
+
+def _folded_parameters(sae: SAE, scale: float) -> dict[str, Tensor]:
+    """The parameters as float32 CPU copies, with the input scale folded in as ``SAE.fold_input_scale`` does."""
+    params = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in sae.named_parameters()}
+    params["b_enc"] /= scale
+    params["b_dec"] /= scale
+    return params
+
+
+@dataclass
+class _Firing:
+    """Per-feature firing bookkeeping on the device: the last step each feature fired (dead: none within
+    the dead window), and its firing counts in the current and the last completed window (ultralow)."""
+
+    last_fired_F: Tensor  # [F] int64 step
+    counts_2F: Tensor  # [2, F] int64: firings in the current window, in the last completed one
+
+    @classmethod
+    def new(cls, n_features: int, device: str | torch.device) -> "_Firing":
+        zeros = functools.partial(torch.zeros, dtype=torch.long, device=device)
+        return cls(zeros(n_features), zeros(2, n_features))
+
+    def dead(self, step: int, window: int) -> Tensor:
+        return (step - self.last_fired_F) >= window
+
+    def update(self, fires_F: Tensor, step: int, window: int) -> None:
+        self.last_fired_F.masked_fill_(fires_F > 0, step)
+        self.counts_2F[0] += fires_F
+        if step % window == 0:
+            self.counts_2F[1] = self.counts_2F[0]
+            self.counts_2F[0] = 0
+
+    def restart(self, features_F: Tensor, step: int) -> None:
+        """Resampled features get a fresh dead window and fresh counts (they are new features)."""
+        self.last_fired_F[features_F] = step
+        self.counts_2F[:, features_F] = 0
+
+    def ultralow(self, dead_F: Tensor, below: float) -> Tensor:
+        last_F = self.counts_2F[1]
+        return ~dead_F & (last_F > 0) & (last_F < below)
 
 
 @dataclass
 class _Progress:
     """Everything a resumed run needs besides the config: parameters, Adam state, the RNG used by
-    resampling, dead-feature clocks, running sums, history, and how many batches were consumed."""
+    resampling, firing clocks and counts, running sums, history, the snapshot (once taken), and how
+    many batches were consumed."""
 
     trained: TrainedSAE
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
-    last_fired_F: Tensor
-    sums: Tensor
+    firing: _Firing
+    sums: Tensor  # [5]: loss, mse, l1, aux, l0 summed since the last history row
     consumed: int = 0  # batches drawn from the stream (training steps and resampling inputs)
 
     def save(self, directory: Path, step: int) -> None:
         tensors = {f"sae.{k}": v for k, v in self.trained.sae.state_dict().items()}
         tensors |= checkpoint.optimizer_tensors(self.optimizer)
-        tensors |= {"generator": self.generator.get_state(), "last_fired_F": self.last_fired_F, "sums": self.sums}
+        tensors |= {"generator": self.generator.get_state(), "last_fired_F": self.firing.last_fired_F,
+                    "counts_2F": self.firing.counts_2F, "sums": self.sums}
+        tensors |= {f"snapshot.{k}": v for k, v in (self.trained.snapshot or {}).items()}
         checkpoint.save(directory, tensors, {"step": step, "consumed": self.consumed, "history": self.trained.history,
                                              "resampling_events": self.trained.resampling_events})
 
@@ -148,15 +247,21 @@ class _Progress:
         if saved is None:
             return 0
         tensors, state = saved
-        self.trained.sae.load_state_dict({k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")})
+        self.trained.sae.load_state_dict(_prefixed(tensors, "sae."))
         checkpoint.load_optimizer_tensors(self.optimizer, tensors)
         self.generator.set_state(tensors["generator"])
-        self.last_fired_F.copy_(tensors["last_fired_F"])
+        self.firing.last_fired_F.copy_(tensors["last_fired_F"])
+        self.firing.counts_2F.copy_(tensors["counts_2F"])
         self.sums.copy_(tensors["sums"])
+        self.trained.snapshot = _prefixed(tensors, "snapshot.") or None
         self.consumed = state["consumed"]
         self.trained.history[:] = state["history"]
         self.trained.resampling_events[:] = state["resampling_events"]
         return state["step"]
+
+
+def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _check_finite(sums: Tensor, step: int) -> None:
