@@ -48,7 +48,7 @@ from universality.tokenization import encode_documents, load_tokenizer, shuffled
 
 DATA_VERSION = 1
 MODEL_VERSION = 2  # 2: LayerNorm with thread-count-independent gradients
-SAE_VERSION = 2  # 2: training only (its evaluation is the evaluation stage); replicates
+SAE_VERSION = 3  # 2: training only (its evaluation is the evaluation stage); replicates. 3: bf16 matmuls, LR decay, snapshot, resampling until late
 EVALUATION_VERSION = 1
 ACTIVATIONS_VERSION = 3  # 3: the first compare.skip_first_positions of each context left out
 PAIR_VERSION = 3  # 3: same-model (replicate) pairs compare features and decoder vectors
