@@ -91,7 +91,7 @@ def _map_dask(calls: Sequence[tuple], engine: Engine) -> list[Any]:
 
     try:
         client = Client(engine.scheduler, timeout="15s")
-    except (OSError, TimeoutError, ValueError) as exc:
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:  # TypeError: a tls:// address without certificates
         raise UnivError(f"cannot reach the Dask scheduler at {engine.scheduler}: {exc}") from None
     with client:
         threads = _dask_threads(client)
