@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -93,8 +94,17 @@ def test_summary_rows_take_missing_statistics_as_nan_and_average_the_seeds():
     assert table["convergence_corr_median"].isna().all()  # absent for one seed: no mean
     figure = sweep.summary_figure(table, axes, stats)
     assert figure.name == "sweep.png" and figure.png.startswith(b"\x89PNG")
+    assert sweep.summary_figure(table.iloc[:1], axes, stats).png.startswith(b"\x89PNG")  # drawn after the first point too
     text = sweep.format_table(table)
     assert "features.max_corr_median " in text and "run3" in text
+
+
+def test_a_statistic_is_found_by_its_key_or_its_mlflow_name():
+    summary = {"features.max_corr_median_mean": 0.4, "neurons.frac_above_0.5_mean": 0.3}
+    assert sweep.summary_value(summary, "features.max_corr_median_mean") == 0.4
+    assert sweep.summary_value(summary, tracking.metric_name("features.max_corr_median_mean")) == 0.4
+    assert sweep.summary_value(summary, tracking.metric_name("neurons.frac_above_0.5_mean")) == 0.3
+    assert np.isnan(sweep.summary_value(summary, "ceiling.features.max_corr_median_mean"))
 
 
 def invoke(args: list[str]):

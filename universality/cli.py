@@ -142,8 +142,9 @@ def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):
               help="A grid axis: a config field and its values (repeat for more axes; tuples as [a,b]), "
                    "e.g. sae.samples=819200,3276800.")
 @click.option("--stat", "stats", multiple=True, metavar="KEY",
-              help="A summary statistic to tabulate and plot (repeatable). Default: cross-model SAE features, "
-                   "neurons and the within-model ceiling, each's median max correlation (mean over pairs).")
+              help="A run's summary statistic to tabulate and plot, by key (features.max_corr_median_mean) or MLflow "
+                   "metric name (repeatable). Default: the median max correlation (mean over pairs) of SAE features "
+                   "and of neurons across models, and of SAE features within a model (the ceiling).")
 @experiment_options
 def sweep(axes, stats, seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
           jobs, backend, scheduler, sae_replicates) -> None:

@@ -51,6 +51,14 @@ def stage_seconds(result: pipeline.RunResult) -> float:
     return sum(cache.build_seconds(folder) for folder in folders if folder is not None)
 
 
+def summary_value(summary: Mapping[str, Any], stat: str) -> float:
+    """A statistic of a run's summary by its internal key (``features.max_corr_median_mean``) or by its
+    MLflow metric name (``Universality/features_median_max_corr``); NaN when the summary lacks it."""
+    if stat not in summary:
+        summary = {tracking.metric_name(key): value for key, value in summary.items()}
+    return float(summary.get(stat, np.nan))
+
+
 def summary_row(point: Point, result: pipeline.RunResult, seeds: Sequence[int], stats: Sequence[str],
                 wall_seconds: float, run_id: str) -> dict[str, Any]:
     """One row of the summary table: the point's values, the statistics (NaN where its summary lacks
@@ -58,7 +66,7 @@ def summary_row(point: Point, result: pipeline.RunResult, seeds: Sequence[int], 
     seed_metrics = [result.saes[f"seed{seed}"].metrics for seed in seeds]
     return {
         **point.values,
-        **{stat: float(result.summary.get(stat, np.nan)) for stat in stats},
+        **{stat: summary_value(result.summary, stat) for stat in stats},
         **{key: float(np.mean([m.get(key, np.nan) for m in seed_metrics])) for key in SAE_METRICS},
         "wall_seconds": wall_seconds,
         "stage_seconds": stage_seconds(result),
@@ -158,13 +166,15 @@ def run_sweep(axes: Sequence[Axis], points: Sequence[Point], seeds: list[int], r
               stats: Sequence[str] = DEFAULT_STATS, device: str = "auto", engine: Engine = Engine(),
               tracking_uri: str | None = None, experiment: str, progress: bool = True,
               echo: Callable[[str], None] = lambda line: None) -> SweepResult:
-    """Run and track each point (from ``grid.grid_points``: validated) in turn under one sweep run; log the
-    summary. ``echo`` receives one line per finished point."""
+    """Run and track each point (from ``grid.grid_points``: validated) in turn under one sweep run. The
+    summary table and figure are rewritten and logged after every point, so a sweep stopped part way
+    keeps the points it finished. ``echo`` receives one line per finished point."""
     device = resolve_device(device)
     results_dir = Path(results_dir)
     grid = {f"grid.{axis.name}": ",".join(map(format_value, axis.values)) for axis in axes}
     with tracking.tracked_sweep(results_dir, tracking_uri, experiment, points[0].cfg, seeds,
                                 {**grid, "stats": ",".join(stats)}) as sweep:
+        folder = results_dir / "reports" / sweep.run_id
         rows = []
         for i, point in enumerate(points, 1):
             tags = {"univ.grid_point": point.label, **{f"univ.grid.{k}": format_value(v) for k, v in point.values.items()}}
@@ -175,12 +185,12 @@ def run_sweep(axes: Sequence[Axis], points: Sequence[Point], seeds: list[int], r
                 wall = time.perf_counter() - start
                 tracker.log_result(result)
             rows.append(summary_row(point, result, seeds, stats, wall, tracker.run_id))
+            table = summary_table(axes, rows, stats)
+            files = write_summary(table, summary_figure(table, axes, stats), folder)
+            for path in files:
+                sweep.client.log_artifact(sweep.run_id, str(path), SUMMARY_ARTIFACTS)
             shown = ", ".join(f"{stat.removesuffix('_mean')} {rows[-1][stat]:.3f}" for stat in stats)
             echo(f"[{i}/{len(points)}] {point.label}: {shown} ({wall:.1f} s, MLflow run {tracker.run_id})")
-        table = summary_table(axes, rows, stats)
-        files = write_summary(table, summary_figure(table, axes, stats), results_dir / "reports" / sweep.run_id)
-        for path in files:
-            sweep.client.log_artifact(sweep.run_id, str(path), SUMMARY_ARTIFACTS)
     return SweepResult(sweep.run_id, sweep.client.tracking_uri, table, files)
 
 
