@@ -396,7 +396,7 @@ def find_run(client: MlflowClient, run: str, kinds: Sequence[str] = ("experiment
     except MlflowException:
         raise UnivError(f"unknown run id {run!r} in {client.tracking_uri}") from None
     if found.data.tags.get(KIND) not in kinds:
-        raise UnivError(f"run {run} is not a univ {' or '.join(kinds)} run (its {KIND} tag is {found.data.tags.get(KIND)!r})")
+        raise UnivError(f"run {run} is not a univ run of kind {' or '.join(kinds)} (its {KIND} tag is {found.data.tags.get(KIND)!r})")
     return found
 
 
