@@ -35,9 +35,10 @@ def page_text(url: str, profile: Path) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def univ_ui(tracked_tiny):
-    """``univ ui`` on the tracked tiny run's results, on a free loopback port: (printed URL, results folder)."""
+    """``univ ui`` on the tracked tiny run's results, on a free loopback port, shared by this module's tests:
+    (printed URL, results folder)."""
     results, _ = tracked_tiny
     server = subprocess.Popen(
         [sys.executable, "-c", "from universality.cli import main; main()", "ui", "--port", str(free_port()),
