@@ -65,7 +65,7 @@ def one_thread():
 
 # ---- planted ground truth -------------------------------------------------------------------
 
-def test_train_sae_defaults_recover_a_planted_dictionary(planted, tmp_path):
+def test_train_sae_defaults_recover_a_planted_dictionary(planted, tmp_path, one_thread):
     """`univ train-sae ACTS.npy --out DIR` with no tuning gives a good SAE on well-scaled data."""
     x, true_dirs = planted
     np.save(tmp_path / "acts.npy", x.numpy())
@@ -409,14 +409,17 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
 
 # ---- determinism, divergence ----------------------------------------------------------------
 
-def test_same_seed_gives_identical_weights():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_seed_gives_identical_weights(precision):
     x, _ = sparse_superposition(4096, d=16, n_true=32)
-    runs = [train_sae(epochs(x, 256), small_cfg(arch=arch), 16, seed=3, progress=False) for arch in ("relu", "relu", "topk", "topk")]
+    runs = [train_sae(epochs(x, 256), small_cfg(arch=arch, precision=precision), 16, seed=3, progress=False)
+            for arch in ("relu", "relu", "topk", "topk")]
     for a, b in (runs[0:2], runs[2:4]):
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             assert torch.equal(getattr(a.sae, name), getattr(b.sae, name))
+            assert torch.equal(a.snapshot[name], b.snapshot[name])
         assert a.history == b.history
-    other = train_sae(epochs(x, 256), small_cfg(), 16, seed=4, progress=False)
+    other = train_sae(epochs(x, 256), small_cfg(precision=precision), 16, seed=4, progress=False)
     assert not torch.equal(other.sae.W_dec, runs[0].sae.W_dec)
 
 
@@ -474,7 +477,7 @@ def test_cli_unknown_arch_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and not (tmp_path / "o").exists()
 
 
-def test_cli_trains_and_writes_checkpoint(tmp_path):
+def test_cli_trains_and_writes_checkpoint(tmp_path, one_thread):
     x, _ = sparse_superposition(6000, d=16, n_true=32)
     np.save(tmp_path / "acts.npy", x.numpy())
     out = tmp_path / "sae"
