@@ -34,7 +34,7 @@ from sae.activations import model_activations, shuffled_batches
 from sae.base import SAE
 from sae.checkpoint import load_sae, load_snapshot, save_sae
 from sae.evaluation import convergence, evaluate_sae, loss_recovered
-from sae.training import train_sae
+from sae.training import resolve_precision, train_sae
 from universality import activations, cache
 from universality.across_seeds import FAMILY_MIN_CORR, feature_families, included_features, partner_counts, summarize_pairs
 from universality.atomic import atomic_path, write_text
@@ -179,10 +179,12 @@ def sae_seed(model_seed: int, replicate: int) -> int:
     return model_seed + REPLICATE_SEED_STRIDE * replicate
 
 
-def sae_key(model_key: str, cfg: ExperimentConfig, replicate: int = 0) -> str:
-    """The model, the SAE's training fields and its replicate index: nothing about evaluation or comparison,
-    and not how many replicates a run asks for (adding replicates retrains no existing SAE)."""
-    return cache.stage_key("sae", SAE_VERSION, model=model_key, sae=cfg.sae.training_fields(), replicate=replicate)
+def sae_key(model_key: str, cfg: ExperimentConfig, device: str, replicate: int = 0) -> str:
+    """The model, the SAE's training fields (with the precision "auto" resolves to on ``device``) and its
+    replicate index: nothing about evaluation or comparison, and not how many replicates a run asks for
+    (adding replicates retrains no existing SAE)."""
+    fields = cfg.sae.training_fields() | {"precision": resolve_precision(cfg.sae.precision, device)}
+    return cache.stage_key("sae", SAE_VERSION, model=model_key, sae=fields, replicate=replicate)
 
 
 def evaluation_key(dataset: Dataset, sae_key: str, cfg: ExperimentConfig) -> str:
@@ -259,7 +261,7 @@ def fit_sae(dataset: Dataset, run: RunModel, cfg: ExperimentConfig, device: str,
             replicate: int = 0, progress: bool = True) -> RunSAE:
     """Fit (or reuse) an SAE on ``run``'s MLP activations over the training tokens. Replicate r > 0
     differs from the run's SAE only in its seed: initialization and the order activations arrive in."""
-    key = sae_key(run.key, cfg, replicate)
+    key = sae_key(run.key, cfg, device, replicate)
     directory = cache.stage_dir(results_dir, "sae", key)
     seed = sae_seed(run.seed, replicate)
     name = replica_name(run.name, replicate)
@@ -395,7 +397,7 @@ def is_cached(task: RunTask, dataset: Dataset) -> bool:
     if task.shuffle_seed is not None:
         key = shuffled_key(key, task.shuffle_seed)
         folders.append(cache.stage_dir(task.results_dir, "model", key))
-    key = sae_key(key, task.cfg, task.replicate)
+    key = sae_key(key, task.cfg, task.device, task.replicate)
     folders += [cache.stage_dir(task.results_dir, "sae", key),
                 cache.stage_dir(task.results_dir, "evaluation", evaluation_key(dataset, key, task.cfg)),
                 cache.stage_dir(task.results_dir, "activations", activations_key(dataset, key, task.cfg))]
