@@ -63,7 +63,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tracked_tiny, tmp_path
     child = univ_child(client)
     cases = [
         (("export", "0123abc", "--out", tmp_path / "a.csv"), 1, "unknown run id"),
-        (("export", child, "--out", tmp_path / "a.csv"), 1, "not a univ run"),
+        (("export", child, "--out", tmp_path / "a.csv"), 1, "is not a univ"),
         (("export", "--format", "xls", "--out", tmp_path / "a.csv"), 2, "xls"),
         (("export", "--out", tmp_path / "missing" / "a.csv"), 1, "does not exist"),
         (("features", "latest", 0, 256), 1, "out of range"),

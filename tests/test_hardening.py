@@ -162,7 +162,7 @@ def test_nan_divergence_stops_and_names_the_step(tmp_path):
         run_fast(tmp_path / "results", [0], fast_cfg().replace(train={"lr": 1e12}))
     config = tmp_path / "diverge.toml"
     config.write_text("[sae]\nlr = 1e12\n")  # the SAE step too (a CLI run: one line, exit 1)
-    result = univ("run", "--preset", "tiny", "--seeds", "1", "--config", config, "--results-dir", tmp_path / "r")
+    result = univ("run", "--preset", "tiny", "--seeds", "1", "--jobs", "1", "--config", config, "--results-dir", tmp_path / "r")
     assert_one_line_error(result, "diverged at step", trained=True)
 
 

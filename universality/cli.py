@@ -23,8 +23,16 @@ class Group(click.Group):
             message = user_error(exc)
             if message is None:
                 raise
+            close_progress_bars()
             click.echo(f"Error: {message}", err=True)
             sys.exit(1)
+
+
+def close_progress_bars() -> None:
+    """Close the bars an error left open (clearing their line), so the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")  # loaded by every command that draws bars
+    for bar in list(tqdm.tqdm._instances) if tqdm is not None else []:
+        bar.close()
 
 
 def user_error(exc: Exception) -> str | None:
