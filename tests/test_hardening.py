@@ -137,6 +137,12 @@ def test_read_only_commands_on_a_mistyped_results_dir_create_nothing(tmp_path):
     for args in (["export", "--out", tmp_path / "m.csv"], ["features", "latest", "0", "1"], ["ui"]):
         assert_one_line_error(univ(*args, "--results-dir", typo), f"no results at {typo}")
     assert list(tmp_path.iterdir()) == []
+    from universality import tracking
+
+    store = tracking.open_client(tmp_path / "store", None).tracking_uri  # with a tracking URI, the folder is not needed
+    assert_one_line_error(univ("export", "--out", tmp_path / "m.csv", "--tracking-uri", store, "--results-dir", typo),
+                          "no finished univ run")
+    assert not typo.exists()
 
 
 def test_results_dir_under_a_file_is_one_line_error_naming_it(tmp_path):
