@@ -97,11 +97,12 @@ def test_families_path_sits_beside_the_table(tmp_path):
 
 @pytest.mark.slow
 def test_single_seed_run_is_tracked_and_exports_empty_typed_tables(tmp_path):
-    """One seed has no pairs: the run still succeeds, and its tables have the columns but no rows."""
+    """One seed without replicate SAEs has no pairs: the run still succeeds, and its tables have the columns
+    but no rows."""
     config = tmp_path / "one.toml"
     config.write_text('preset = "tiny"\n[train]\nsteps = 10\nwarmup_steps = 2\n[sae]\nsamples = 4096\n')
     results = tmp_path / "results"
-    ran = invoke("run", "--seeds", 1, "--config", config, "--results-dir", results)
+    ran = invoke("run", "--seeds", 1, "--sae-replicates", 0, "--config", config, "--results-dir", results)
     assert ran.exit_code == 0, ran.output
     out = tmp_path / "matched.csv"
     exported = invoke("export", "--format", "csv", "--out", out, "--results-dir", results)
