@@ -595,22 +595,24 @@ def describe(result: RunResult) -> str:
 def headline(summary: dict, n_pairs: int, n_replicate_pairs: int, randomized: PairResult | None) -> list[str]:
     """Median max activation correlation of SAE features across models, beside its ceiling, their ratio
     and the baselines (mean over pairs, with the 95% interval from resampling seeds)."""
-    if not n_pairs:
+    if not n_pairs and not n_replicate_pairs:
         return []
 
-    def row(label: str, key: str) -> str:
+    def row(label: str, key: str) -> list[str]:
+        if f"{key}_mean" not in summary:
+            return []
         mean, low, high = (summary.get(f"{key}_{s}", float("nan")) for s in ("mean", "ci_low", "ci_high"))
         interval = f"  [{low:.3f}, {high:.3f}]" if np.isfinite(low) else ""
-        return f"  {label:<50} {mean:.3f}{interval}"
+        return [f"  {label:<50} {mean:.3f}{interval}"]
 
-    lines = [f"universality: median max activation correlation, mean over {n_pairs} pair{'s' * (n_pairs > 1)} of models"
-             " [95% interval, resampling seeds; none below 3 seeds]",
-             row("SAE features, across models", "features.max_corr_median")]
+    lines = [f"universality: median max activation correlation, mean over {n_pairs} pair{'s' * (n_pairs != 1)} of models"
+             " [95% interval, resampling seeds; none below 3 seeds]", *row("SAE features, across models", "features.max_corr_median")]
     if n_replicate_pairs:
-        lines += [row(f"SAE features, same model (ceiling, {n_replicate_pairs} SAE pair{'s' * (n_replicate_pairs > 1)})",
-                      "ceiling.features.max_corr_median"),
-                  f"  {'across models / ceiling':<50} {summary['ceiling_ratio.features.max_corr_median']:.3f}"]
-    lines += [row("neurons", "neurons.max_corr_median"), row("rotated neurons (baseline)", "rotation.max_corr_median")]
+        lines += row(f"SAE features, same model (ceiling, {n_replicate_pairs} SAE pair{'s' * (n_replicate_pairs > 1)})",
+                     "ceiling.features.max_corr_median")
+        if "ceiling_ratio.features.max_corr_median" in summary:
+            lines.append(f"  {'across models / ceiling':<50} {summary['ceiling_ratio.features.max_corr_median']:.3f}")
+    lines += row("neurons", "neurons.max_corr_median") + row("rotated neurons (baseline)", "rotation.max_corr_median")
     if randomized is not None:
         lines.append(f"  {'SAE features, weight-shuffled models':<50} {randomized.stats['features.max_corr_median']:.3f}")
     return lines
