@@ -193,6 +193,8 @@ def test_tiny_sweep_nests_point_runs_reuses_transformers_and_exports(tmp_path, m
     assert done.exit_code == 0, done.output
     matched = pd.read_parquet(tmp_path / "m.parquet")
     assert set(matched.seed_a) == {0, 1} and (tmp_path / "m.families.parquet").exists()
+    card = invoke(["features", sweep_run.info.run_id, "0", "0", "--results-dir", str(results)])
+    assert card.exit_code == 1 and "not a univ run of kind experiment (its univ.kind tag is 'sweep')" in card.output
     latest = invoke(["export", "latest", "--out", str(tmp_path / "l.csv"), "--results-dir", str(results)])
     assert latest.exit_code == 0 and table.run_id.iloc[-1] in latest.output  # latest: the last univ run, not the sweep
 
