@@ -95,8 +95,16 @@ class SAEConfig:
     batch_size: int = 512  # activations per step (the paper: 8192, for 1M steps; small batches converge in fewer samples)
     samples: int = 2_000_000  # activation vectors seen in training
     buffer_size: int = 262_144  # shuffling buffer of activations
-    resample_fractions: tuple[float, ...] = (0.025, 0.05, 0.075, 0.1)  # resampling points, as run fractions
-    dead_window_fraction: float = 0.0125  # "no firing in the previous N steps", as a run fraction
+    # Resampling points, as run fractions: through the first part of the run, where features die of a bad
+    # start. Not later: on the quick preset's transformer at 4x its samples, the dead count levels off at
+    # ~13% by mid-run (the equilibrium λ and the dictionary size set), and resampling every 5-10% until
+    # 50-75% only churned: hundreds of features per event, most of them dead again by the next one, with a
+    # worse FVU (0.17-0.19 against 0.166) and more ultralow features. The learning-rate decay is what
+    # settles the dictionary (final vs 75% snapshot: median max correlation 0.98, against 0.96 without).
+    resample_fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
+    # "No firing in the previous N steps", as a run fraction. 8%, not the paper's 1.25% of 1M steps: a short
+    # run's 1.25% is too few inputs (quick: 10K) to tell a dead feature from a rare one.
+    dead_window_fraction: float = 0.08
     resample_inputs: int = 81_920  # inputs on which the loss is computed to pick resampling targets
     # The within-model ceiling: extra SAEs on the same transformer that differ only in the SAE's seed
     # (initialization and activation order). Replicate 0 is the run's SAE; these are not in its cache key.
