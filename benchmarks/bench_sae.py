@@ -12,8 +12,8 @@ The reference is the same five matmuls, same shapes and layouts, timed back to b
 the same precision (bf16: bf16 inputs, as the SAE's bf16 matmuls have). Training time per step is the
 difference between a long and a short ``train_sae`` run divided by the difference in steps (best of
 three), so one-off setup (input scale, geometric median) is excluded. TopK decodes only its k active
-latents (sparse), so its dense FLOP count does not apply: it is shown in samples/s, beside the same
-step with the dense decoder (``SAE.loss``, the reference it is tested against).
+latents (sparse), so its dense FLOP count does not apply: it is shown in samples/s (AuxK off), beside the
+same step with the dense decoder (``SAE.loss``, the reference it is tested against).
 """
 
 from __future__ import annotations
@@ -130,8 +130,10 @@ def main() -> None:
                   f"peak memory {peak_memory_mib(device):.0f} MiB")
         print(f"ReLU bf16 / fp32 training speedup: {relu_rate['bf16'] / relu_rate['fp32']:.2f}x")
         for name in DTYPES:
+            # A dead window of the whole run: no latent counts as dead, so AuxK (dense, run while any latent is
+            # dead) stays off and the step is the one the sparse decoder speeds up.
             cfg = SAEConfig(arch="topk", k=args.k, dict_size=F, batch_size=B, samples=B, resample_fractions=(),
-                            snapshot_fraction=0, precision=name)
+                            dead_window_fraction=1.0, snapshot_fraction=0, precision=name)
             step = seconds_per_step(cfg, D, args.steps, device)
             sparse, dense = (loss_step_seconds(cfg, D, args.steps, device, dense) for dense in (False, True))
             print(f"{name}: TopK (k={args.k}) SAE training {B / step:8.0f} samples/s, {step * 1e3:6.1f} ms/step | "
