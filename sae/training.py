@@ -13,6 +13,7 @@ import collections
 import functools
 import itertools
 import math
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -146,7 +147,7 @@ def train_sae(
         optimizer.step()
         state.firing.update(out.fires_F, step, window)
         l0 = out.fires_F.sum() / len(x_BD)
-        state.sums += torch.stack([out.loss.detach(), out.mse.detach(), out.l1, out.aux.detach(), l0]).float()
+        state.sums += torch.stack([out.loss.detach(), out.mse.detach(), out.l1, out.aux.detach(), l0])
 
         if step in resample_steps:
             _check_finite(state.sums, step)
@@ -179,11 +180,10 @@ def train_sae(
 
 
 def _folded_parameters(sae: SAE, scale: float) -> dict[str, Tensor]:
-    """The parameters as float32 CPU copies, with the input scale folded in as ``SAE.fold_input_scale`` does."""
-    params = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in sae.named_parameters()}
-    params["b_enc"] /= scale
-    params["b_dec"] /= scale
-    return params
+    """The parameters as float32 CPU copies, with the input scale folded in (so they work on raw activations)."""
+    copy = deepcopy(sae).to("cpu", torch.float32)
+    copy.fold_input_scale(scale)
+    return {name: p.detach() for name, p in copy.named_parameters()}
 
 
 @dataclass
