@@ -18,6 +18,7 @@ from sae.evaluation import convergence
 from sae.training import train_sae
 from universality import tracking
 from universality.activations import single_position, token_positions
+from universality.run_names import model_name, replica_name, replicate_of
 from universality.comparison import compare
 from universality.config import CompareConfig, SAEConfig
 from universality.correlation import to_csr
@@ -151,3 +152,9 @@ def test_convergence_is_one_for_an_sae_against_itself_and_low_for_unrelated_saes
     assert same["convergence_decoder_cos_median"] == pytest.approx(1.0, abs=1e-6)
     unrelated = convergence(sae_a, sae_b, eval_a.split(4096), cfg)  # B's SAE knows another basis
     assert unrelated["convergence_corr_median"] < 0.5 and unrelated["convergence_decoder_cos_median"] < 0.5
+
+
+def test_run_names_are_made_and_read_in_one_place():
+    assert [replica_name("seed3", r) for r in (0, 2)] == ["seed3", "seed3-sae2"]
+    assert [(model_name(n), replicate_of(n)) for n in ("seed3", "seed3-sae2", "shuffled-seed0-1")] == [
+        ("seed3", 0), ("seed3", 2), ("shuffled-seed0-1", 0)]

@@ -48,6 +48,7 @@ from universality.errors import UnivError
 from universality.feature_cards import RunSources, run_sources_of, vocab_strings
 from universality.matching import NO_PARTNER, Matching
 from universality.pairs import PairResult
+from universality.run_names import replicate_of
 from universality.similarity import logit_weight_similarity
 
 FORMATS = ("csv", "parquet", "json")
@@ -144,6 +145,7 @@ def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources]
     families, family_table = (family_ids(pairs, seed_of) if pairs else
                               ({}, _typed(pd.DataFrame({c: [] for c in FAMILY_COLUMNS}), FAMILY_COLUMNS)))
     top = {name: s.top_tokens() for name, s in sources.items()}
+    single = {name: s.single_position() for name, s in sources.items()}
     frames = []
     for p in [*pairs, *replicate_pairs]:
         for m, name_a, name_b in ((p.matching, p.run_a, p.run_b), (reversed_matching(p.matching), p.run_b, p.run_a)):
@@ -151,15 +153,10 @@ def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources]
             sae_a, sae_b = replicate_of(name_a), replicate_of(name_b)
             family = families[a.seed] if sae_a == 0 and a.seed in families else np.full(m.best_b.size, -1)
             frames.append(_direction(m, a, b, top[name_a], top[name_b], family).assign(
-                sae_a=sae_a, sae_b=sae_b, same_model=a.seed == b.seed, single_position_a=a.single_position()))
+                sae_a=sae_a, sae_b=sae_b, same_model=a.seed == b.seed, single_position_a=single[name_a]))
     frame = pd.concat(frames)
     frame = frame.sort_values(["same_model", "seed_a", "sae_a", "seed_b", "sae_b", "feature_a"], kind="stable")
     return _typed(frame, MATCHED_COLUMNS), family_table
-
-
-def replicate_of(run_name: str) -> int:
-    """0 for a run's own SAE ("seed0"), r for its replicate r ("seed0-sae1" -> 1)."""
-    return int(run_name.rpartition("-sae")[2]) if "-sae" in run_name else 0
 
 
 def run_sources(result) -> dict[str, RunSources]:

@@ -32,7 +32,7 @@ from models.training import TrainingResult, heldout_contexts, ngram_baselines, t
 from models.transformer import OneLayerTransformer, TransformerConfig
 from sae.activations import model_activations, shuffled_batches
 from sae.base import SAE
-from sae.checkpoint import load_sae, load_snapshot, save_sae
+from sae.checkpoint import jsonable, load_sae, load_snapshot, save_sae
 from sae.evaluation import convergence, evaluate_sae, loss_recovered
 from sae.training import resolve_precision, train_sae
 from universality import activations, cache
@@ -44,6 +44,7 @@ from universality.errors import UnivError, from_os_error
 from universality.orchestration import Engine, resolve_device, spread_devices
 from universality.pairs import PairResult, compare_runs, feature_logit_weights, load_pair, save_pair
 from universality.progress import Board
+from universality.run_names import model_name, replica_name
 from universality.tokenization import encode_documents, load_tokenizer, shuffled_documents, split_tokens, train_tokenizer
 
 DATA_VERSION = 1
@@ -278,11 +279,6 @@ def fit_sae(dataset: Dataset, run: RunModel, cfg: ExperimentConfig, device: str,
     return load_run_sae(directory, key, name, replicate, device)
 
 
-def replica_name(model_name: str, replicate: int) -> str:
-    """"seed0" for a model's own SAE, "seed0-sae1" for its first replicate."""
-    return model_name if replicate == 0 else f"{model_name}-sae{replicate}"
-
-
 def load_run_sae(directory: Path, key: str, name: str, replicate: int, device: str) -> RunSAE:
     saved = json.loads((directory / "metrics.json").read_text())
     return RunSAE(name, directory, key, load_sae(directory, device), saved["history"], saved["resampling_events"], replicate)
@@ -304,7 +300,7 @@ def evaluate(dataset: Dataset, run: RunModel, sae: RunSAE, cfg: ExperimentConfig
             snapshot = load_snapshot(sae.directory, device)
             if snapshot is not None:
                 metrics.update(convergence(sae.sae, snapshot, neurons(), cfg.compare))
-            write_text(directory / "metrics.json", json.dumps(metrics, default=_jsonable))
+            write_text(directory / "metrics.json", json.dumps(metrics, default=jsonable))
             cache.mark_complete(directory, {"run": sae.name}, f"evaluation of the SAE of {sae.name}")
     return load_evaluation(directory, sae)
 
@@ -313,12 +309,6 @@ def load_evaluation(directory: Path, sae: RunSAE) -> RunSAE:
     metrics = json.loads((directory / "metrics.json").read_text())
     metrics["densities"] = np.asarray(metrics["densities"])
     return dataclasses.replace(sae, metrics=metrics, evaluation=directory)
-
-
-def _jsonable(value):
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to metrics.json")
 
 
 @torch.no_grad()
@@ -482,11 +472,6 @@ def summarize(pairs: list[PairResult], replicate_pairs: list[PairResult], random
     return summary
 
 
-def model_name(run_name: str) -> str:
-    """The model a run's SAE belongs to: "seed0" for "seed0" and for its replicate "seed0-sae1"."""
-    return run_name.split("-sae")[0]
-
-
 def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str = "auto", progress: bool = True,
         engine: Engine = Engine()) -> RunResult:
     """corpus -> tokens -> per run (model -> SAE -> evaluation -> held-out activations) -> pair comparisons -> summary.
@@ -530,7 +515,7 @@ def pair_plan(run_names: list[str], seed_names: list[str]) -> list[tuple[str, st
     (same-model: the ceiling), and the two weight-shuffled controls (randomized)."""
     plan = [(a, b, "cross-model") for a, b in itertools.combinations(seed_names, 2)]
     for seed_name in seed_names:
-        replicas = [seed_name] + [n for n in run_names if n.startswith(f"{seed_name}-sae")]
+        replicas = [n for n in run_names if model_name(n) == seed_name]  # the seed's own SAE first, in task order
         if len(replicas) > 1:
             plan += [(a, b, "same-model") for a, b in itertools.combinations(replicas, 2)]
     shuffled = [n for n in run_names if n.startswith("shuffled-")]

@@ -28,9 +28,9 @@ import pandas as pd  # noqa: E402
 
 from universality.atomic import atomic_path, write_text  # noqa: E402
 from universality.errors import DataError  # noqa: E402
-from universality.export import replicate_of  # noqa: E402
 from universality.feature_cards import RunSources, render_html  # noqa: E402
 from universality.pairs import PairResult  # noqa: E402
+from universality.run_names import replicate_of  # noqa: E402
 
 PAPER_MEDIAN_MAX_CORR = {"features": 0.72, "neurons": 0.46}  # Towards Monosemanticity, A/1 vs B/1
 BASIS_LABELS = {"features": "SAE features", "neurons": "MLP neurons", "rotation": "rotated neurons (baseline)",
