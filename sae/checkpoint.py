@@ -58,7 +58,7 @@ def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Pa
         all_metrics.update(history=trained_or_sae.history, resampling_events=trained_or_sae.resampling_events,
                            input_scale=trained_or_sae.input_scale, precision=trained_or_sae.precision)
     write_text(out / CFG_FILE, json.dumps(sae_cfg, indent=2))
-    write_text(out / METRICS_FILE, json.dumps(all_metrics, indent=2, default=_jsonable))
+    write_text(out / METRICS_FILE, json.dumps(all_metrics, indent=2, default=jsonable))
     write_text(out / COMPLETE_MARKER, "")
     return out
 
@@ -104,7 +104,8 @@ def load_snapshot(out_dir: str | Path, device: str | torch.device = "cpu") -> SA
     return sae
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Arrays and tensors as lists, for ``json.dumps(..., default=jsonable)``."""
     if isinstance(value, (np.ndarray, np.generic)):
         return value.tolist()
     if isinstance(value, torch.Tensor):
