@@ -66,11 +66,12 @@ class RunSources:
     context: int  # tokens shown each side of an example
     ctx_len: int  # the model's context length: an example's window never crosses into another context
 
-    def single_position(self) -> np.ndarray:
-        """[F] bool: features whose top activations all sit at one position of their contexts."""
+    def single_position(self, features: slice = slice(None)) -> np.ndarray:
+        """[F] bool (or of ``features`` only): features whose top activations all sit at one position of
+        their contexts."""
         from universality.activations import single_position
 
-        return single_position(self.top_positions, self.ctx_len)
+        return single_position(self.top_positions[features], self.ctx_len)
 
     def top_tokens(self) -> list[str]:
         """Per feature, its distinct top activating tokens joined as one string."""
@@ -87,7 +88,8 @@ class RunSources:
             promoted=promoted,
             suppressed=suppressed,
             partners=partners(matched, self.seed, feature),
-            position=int(self.top_positions[feature, 0] % self.ctx_len) if self.single_position()[feature] else None,
+            position=(int(self.top_positions[feature, 0] % self.ctx_len)
+                      if self.single_position(slice(feature, feature + 1))[0] else None),
         )
 
 
