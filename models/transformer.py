@@ -93,13 +93,22 @@ class OneLayerTransformer(nn.Module):
         ``mlp_hook`` maps the neurons [B, T, M] to what the MLP's output projection sees instead:
         an SAE reconstruction splices it in, ``torch.zeros_like`` ablates the MLP.
         """
+        resid_BTD, acts_BTM = self.residual(tokens_BT, mlp_hook)
+        return ForwardOutput(self.unembed(resid_BTD), acts_BTM if return_mlp else None)
+
+    def residual(self, tokens_BT: torch.Tensor, mlp_hook: MLPHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the residual stream after the MLP [B, T, D], the MLP neurons [B, T, M]): ``forward`` before its
+        unembedding. With one layer, a change to the MLP's output at a position changes only that position's
+        residual: interventions on the neurons need ``unembed`` only where they change something."""
         T = tokens_BT.shape[1]
         resid_BTD = self.W_E(tokens_BT) + self.W_pos(torch.arange(T, device=tokens_BT.device))
         resid_BTD = resid_BTD + self.attn(self.ln_attn(resid_BTD))
         mlp_out_BTD, acts_BTM = self.mlp(self.ln_mlp(resid_BTD), mlp_hook)
-        resid_BTD = resid_BTD + mlp_out_BTD
-        logits_BTV = self.W_U(self.ln_final(resid_BTD))
-        return ForwardOutput(logits_BTV, acts_BTM if return_mlp else None)
+        return resid_BTD + mlp_out_BTD, acts_BTM
+
+    def unembed(self, resid_XD: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of residual-stream vectors [..., D]: the final LayerNorm, then W_U."""
+        return self.W_U(self.ln_final(resid_XD))
 
     def neuron_logit_weights(self) -> torch.Tensor:
         """Direct effect of each neuron on the logits [M, V]: W_out, then the final LayerNorm's
