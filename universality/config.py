@@ -122,11 +122,26 @@ class SAEConfig:
     # the last 20%), so that the dictionary has stopped moving by the last step
     lr_decay_fraction: float = 0.2
     snapshot_fraction: float = 0.75  # keep a copy of the SAE at this fraction of the steps, for the convergence diagnostic (0: none)
+    # A dictionary family (the paper's A/0..A/5): one SAE of each of these sizes per model, all trained with the same
+    # SAE seed on the same activation stream, each its own cached stage. Empty: one SAE of sae.dict_size (one size).
+    # When set, sae.dict_size becomes its largest: the primary size, which keeps the single-size run names ("seed0"),
+    # summary keys, headline and matched table; another size N is "seed0-dN" with summary keys "sizeN.<key>".
+    # Not in an SAE's cache key: each SAE's key is that of a single-size run of its size. Replicates (the ceiling)
+    # are fitted at every size; the weight-shuffled control only at the primary size.
+    dict_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.arch in ("relu", "topk"), f"sae.arch must be 'relu' or 'topk', not {self.arch!r}")
+        _require(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.dict_sizes),
+                 f"sae.dict_sizes must be positive integers, not {list(self.dict_sizes)}")
+        _require(len(set(self.dict_sizes)) == len(self.dict_sizes), f"sae.dict_sizes repeats a size: {list(self.dict_sizes)}")
+        object.__setattr__(self, "dict_sizes", tuple(sorted(self.dict_sizes)))
+        if self.dict_sizes:
+            object.__setattr__(self, "dict_size", self.dict_sizes[-1])
         _require(self.dict_size >= 1, "sae.dict_size must be >= 1")
-        _require(self.arch != "topk" or 1 <= self.k < self.dict_size, "sae.k must be in [1, sae.dict_size)")
+        _require(self.arch != "topk" or 1 <= self.k < self.sizes[0],
+                 f"sae.k ({self.k}) must be in [1, the smallest of sae.dict_sizes ({self.sizes[0]}))" if self.dict_sizes
+                 else "sae.k must be in [1, sae.dict_size)")
         _require(self.l1_coeff >= 0, "sae.l1_coeff must be >= 0")
         _require(self.lr > 0, "sae.lr must be > 0")
         _require(self.batch_size >= 1 and self.samples >= self.batch_size, "sae.samples must be >= sae.batch_size")
@@ -142,9 +157,14 @@ class SAEConfig:
         _require(0 <= self.snapshot_fraction < 1, "sae.snapshot_fraction must lie in [0, 1)")
         object.__setattr__(self, "resample_fractions", tuple(self.resample_fractions))
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Every dictionary size fitted per model, ascending: ``dict_sizes``, or ``(dict_size,)``."""
+        return self.dict_sizes or (self.dict_size,)
+
     def training_fields(self) -> dict[str, Any]:
-        """The fields that decide one SAE's weights (the replicate settings only say how many SAEs)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("replicates", "replicates_on")}
+        """The fields that decide one SAE's weights (the replicate settings and the family only say how many SAEs)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("replicates", "replicates_on", "dict_sizes")}
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,41 @@
 """The names of a univ run's runs, made and read in one place: "seed0" is seed 0's model and its own SAE,
 "seed0-sae1" the first replicate SAE of that model (the within-model ceiling), "shuffled-seed0-1" a
-weight-shuffled control. Pairs, MLflow child runs, reports and the export all go by these names."""
+weight-shuffled control. In a dictionary family (``sae.dict_sizes``) the primary (largest) size keeps these
+names and another size N of the same model is "seed0-dN" (its replicates "seed0-dN-sae1"). Pairs, MLflow
+child runs, reports and the export all go by these names."""
 
 from __future__ import annotations
 
-REPLICATE = "-sae"  # between a model's name and a replicate's index
+import re
+
+REPLICATE = "-sae"  # between a model's name (and size) and a replicate's index
+SIZE = "-d"  # between a model's name and a non-primary dictionary size
+_PARTS = re.compile(rf"^(?P<model>.+?)(?:{SIZE}(?P<size>\d+))?(?:{REPLICATE}(?P<replicate>\d+))?$")
 
 
-def replica_name(model_name: str, replicate: int) -> str:
-    """"seed0" for a model's own SAE, "seed0-sae1" for its first replicate."""
-    return model_name if replicate == 0 else f"{model_name}{REPLICATE}{replicate}"
+def replica_name(model_name: str, replicate: int, size: int | None = None) -> str:
+    """"seed0" for a model's own SAE, "seed0-sae1" for its first replicate; with a ``size`` (not the
+    primary one) "seed0-d512" and "seed0-d512-sae1"."""
+    sized = model_name if size is None else f"{model_name}{SIZE}{size}"
+    return sized if replicate == 0 else f"{sized}{REPLICATE}{replicate}"
 
 
 def model_name(run_name: str) -> str:
-    """The model a run's SAE belongs to: "seed0" for "seed0" and for its replicate "seed0-sae1"."""
-    return run_name.partition(REPLICATE)[0]
+    """The model a run's SAE belongs to: "seed0" for "seed0", "seed0-sae1", "seed0-d512" and "seed0-d512-sae1"."""
+    return _PARTS.match(run_name)["model"]
 
 
 def replicate_of(run_name: str) -> int:
-    """0 for a run's own SAE ("seed0"), r for its replicate r ("seed0-sae1" -> 1)."""
-    return int(run_name.partition(REPLICATE)[2] or 0)
+    """0 for a run's own SAE ("seed0", "seed0-d512"), r for its replicate r ("seed0-sae1", "seed0-d512-sae1" -> 1)."""
+    return int(_PARTS.match(run_name)["replicate"] or 0)
+
+
+def size_of(run_name: str) -> int | None:
+    """The dictionary size a name carries ("seed0-d512" -> 512); None for the primary size ("seed0", "seed0-sae1")."""
+    size = _PARTS.match(run_name)["size"]
+    return None if size is None else int(size)
+
+
+def summary_prefix(size: int | None) -> str:
+    """Where a size's statistics sit in a run's summary: "" for the primary size (None), "size512." for 512."""
+    return "" if size is None else f"size{size}."
