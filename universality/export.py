@@ -23,6 +23,9 @@ family                int64    id in the families table, -1 when in no multi-see
 sae_a, sae_b          int64    which SAE of each model: 0 the run's own, r > 0 replicate r
 same_model            bool     both SAEs are of one model (a replicate pair: the within-model ceiling)
 single_position_a     bool     feature_a's top activations all sit at one position of their contexts
+own_neuron_a          int64    the neuron of feature_a's own model most correlated with it (-1: excluded)
+own_neuron_corr_a     float64  that max activation correlation (NaN: feature_a excluded)
+neurons_for_90pct_a   int64    fewest neurons carrying 90% of feature_a's decoder vector's squared norm
 ====================  =======  ==============================================================
 
 Excluded features (dead, or too rare to correlate) have no partners. ``families_table`` lists
@@ -47,6 +50,7 @@ from universality.atomic import atomic_path
 from universality.errors import UnivError
 from universality.feature_cards import RunSources, run_sources_of, vocab_strings
 from universality.matching import NO_PARTNER, Matching
+from universality.own_neurons import OwnNeurons
 from universality.pairs import PairResult
 from universality.run_names import replicate_of
 from universality.similarity import logit_weight_similarity
@@ -62,6 +66,7 @@ MATCHED_COLUMNS: dict[str, str] = {
     "top_tokens_a": "string", "top_tokens_b": "string",
     "family": "int64",
     "sae_a": "int64", "sae_b": "int64", "same_model": "bool", "single_position_a": "bool",
+    "own_neuron_a": "int64", "own_neuron_corr_a": "float64", "neurons_for_90pct_a": "int64",
 }
 FAMILY_COLUMNS: dict[str, str] = {
     "family": "int64", "size": "int64", "n_seeds": "int64", "mean_corr": "float64", "members": "string",
@@ -134,9 +139,11 @@ def family_ids(pairs: Sequence[PairResult], seed_of: Mapping[str, int]) -> tuple
 
 
 def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources],
-                  replicate_pairs: Sequence[PairResult] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  replicate_pairs: Sequence[PairResult] = (), *,
+                  own_neurons: Mapping[str, OwnNeurons]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(matched features, families) of every pair of seeds, then of every pair of SAEs of one model
-    (``same_model`` rows); ``sources`` is keyed by run name. Families link features across models only.
+    (``same_model`` rows); ``sources`` and ``own_neurons`` (each SAE's features vs its model's neurons) are
+    keyed by run name. Families link features across models only.
     A single-seed run has no pairs: both tables are then empty, with their columns and dtypes."""
     if not pairs and not replicate_pairs:
         return (_typed(pd.DataFrame({c: [] for c in MATCHED_COLUMNS}), MATCHED_COLUMNS),
@@ -152,8 +159,10 @@ def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources]
             a, b = sources[name_a], sources[name_b]
             sae_a, sae_b = replicate_of(name_a), replicate_of(name_b)
             family = families[a.seed] if sae_a == 0 and a.seed in families else np.full(m.best_b.size, -1)
+            own = own_neurons[name_a]
             frames.append(_direction(m, a, b, top[name_a], top[name_b], family).assign(
-                sae_a=sae_a, sae_b=sae_b, same_model=a.seed == b.seed, single_position_a=single[name_a]))
+                sae_a=sae_a, sae_b=sae_b, same_model=a.seed == b.seed, single_position_a=single[name_a],
+                own_neuron_a=own.neuron, own_neuron_corr_a=own.max_corr, neurons_for_90pct_a=own.neurons_for_90pct))
     frame = pd.concat(frames)
     frame = frame.sort_values(["same_model", "seed_a", "sae_a", "seed_b", "sae_b", "feature_a"], kind="stable")
     return _typed(frame, MATCHED_COLUMNS), family_table

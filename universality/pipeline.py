@@ -1,13 +1,13 @@
 """The experiment as a sequence of stages, each a plain function from inputs to outputs:
 
 corpus -> tokens (prepare_data) -> models (train_model) -> SAEs (fit_sae) -> their evaluation
-(evaluate) -> held-out activations (record_activations) -> comparisons (compare_pair, summarize)
--> tracking/export.
+(evaluate) -> held-out activations (record_activations) -> features vs their own neurons
+(compare_own_neurons) -> comparisons (compare_pair, summarize) -> tracking/export.
 
 Every stage writes into its own content-addressed cache folder (see ``universality.cache``),
 so re-running with the same inputs reuses finished work. The per-run stages (train_model or
-shuffle_model -> fit_sae -> evaluate -> record_activations) of different runs are independent:
-``build_run`` does them for one run and ``universality.orchestration`` runs several at once.
+shuffle_model -> fit_sae -> evaluate -> record_activations -> compare_own_neurons) of different runs are
+independent: ``build_run`` does them for one run and ``universality.orchestration`` runs several at once.
 
 Besides one SAE per seed, a run fits replicate SAEs (``sae.replicates``) on the same transformer,
 differing only in the SAE's seed: their pairs are the within-model ceiling that every
@@ -35,7 +35,7 @@ from sae.base import SAE
 from sae.checkpoint import jsonable, load_sae, load_snapshot, save_sae
 from sae.evaluation import convergence, evaluate_sae, loss_recovered
 from sae.training import resolve_precision, train_sae
-from universality import activations, cache
+from universality import activations, cache, own_neurons
 from universality.across_seeds import FAMILY_MIN_CORR, feature_families, included_features, partner_counts, summarize_pairs
 from universality.atomic import atomic_path, write_text
 from universality.config import ExperimentConfig
@@ -53,6 +53,7 @@ SAE_VERSION = 3  # 2: training only (its evaluation is the evaluation stage); re
 EVALUATION_VERSION = 1
 ACTIVATIONS_VERSION = 3  # 3: the first compare.skip_first_positions of each context left out
 PAIR_VERSION = 3  # 3: same-model (replicate) pairs compare features and decoder vectors
+OWN_NEURONS_VERSION = 1
 SAE_EVAL_BATCH_CONTEXTS = 32
 REPLICATE_SEED_STRIDE = 1_000_003  # replicate r of a model seeded s trains with SAE seed s + r * stride
 
@@ -104,6 +105,7 @@ class RunSAE:
     replicate: int = 0  # 0: the run's SAE; r > 0: an extra SAE of the same model with another SAE seed
     metrics: dict = dataclasses.field(default_factory=dict)  # the evaluation stage's: evaluate_sae, loss recovered, convergence
     evaluation: Path | None = None  # the evaluation stage's folder
+    own_neurons: own_neurons.OwnNeurons | None = None  # the own_neurons stage's: its features vs its model's neurons
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,11 @@ def activations_key(dataset: Dataset, sae_key: str, cfg: ExperimentConfig) -> st
     return cache.stage_key("activations", ACTIVATIONS_VERSION, sae=sae_key, tokens=cfg.compare.tokens,
                            top_k=cfg.compare.top_k_examples, data=dataset.key,
                            skip_first_positions=cfg.compare.skip_first_positions)
+
+
+def own_neurons_key(activations_key: str, cfg: ExperimentConfig) -> str:
+    return cache.stage_key("own_neurons", OWN_NEURONS_VERSION, activations=activations_key,
+                           min_firings=cfg.compare.min_firings, thresholds=cfg.compare.thresholds)
 
 
 def train_model(dataset: Dataset, cfg: ExperimentConfig, seed: int, device: str, results_dir: Path, progress: bool = True) -> RunModel:
@@ -333,6 +340,18 @@ def record_activations(dataset: Dataset, run: RunModel, sae: RunSAE, cfg: Experi
     return activations.HeldoutActivations(directory)
 
 
+def compare_own_neurons(sae: RunSAE, acts: activations.HeldoutActivations, cfg: ExperimentConfig, results_dir: Path) -> Path:
+    """The SAE's features against its own model's neurons on the comparison tokens (the paper's "invisible
+    in the neuron basis"), from the recorded activations and the decoder; returns the stage's folder."""
+    directory = cache.stage_dir(results_dir, "own_neurons", own_neurons_key(acts.directory.name, cfg))
+    with cache.lock(directory):
+        if not cache.is_complete(directory):
+            result = own_neurons.compare_own_neurons(acts, sae.sae.W_dec.detach().float().cpu().numpy(), cfg.compare)
+            own_neurons.save(result, directory)
+            cache.mark_complete(directory, {"run": sae.name}, f"features vs own neurons of {sae.name}")
+    return directory
+
+
 @dataclass(frozen=True)
 class RunTask:
     """One run's per-run stages, in the plain values a worker process (or Dask worker) receives."""
@@ -365,10 +384,12 @@ class RunPaths:
     sae: tuple[Path, str]
     evaluation: Path
     activations: Path
+    own_neurons: Path
 
 
 def build_run(task: RunTask) -> RunPaths:
-    """train_model (or shuffle_model) -> fit_sae -> evaluate -> record_activations for one run; cached and locked."""
+    """train_model (or shuffle_model) -> fit_sae -> evaluate -> record_activations -> compare_own_neurons for
+    one run; cached and locked."""
     dataset = open_dataset(task.dataset_dir, task.dataset_key)
     model = train_model(dataset, task.cfg, task.seed, task.device, task.results_dir, task.progress)
     if task.shuffle_seed is not None:
@@ -376,8 +397,9 @@ def build_run(task: RunTask) -> RunPaths:
     sae = fit_sae(dataset, model, task.cfg, task.device, task.results_dir, task.replicate, task.progress)
     evaluated = evaluate(dataset, model, sae, task.cfg, task.device, task.results_dir)
     acts = record_activations(dataset, model, sae, task.cfg, task.device, task.results_dir)
+    own = compare_own_neurons(sae, acts, task.cfg, task.results_dir)
     return RunPaths(sae.name, model.seed, task.replicate, (model.directory, model.key), (sae.directory, sae.key),
-                    evaluated.evaluation, acts.directory)
+                    evaluated.evaluation, acts.directory, own)
 
 
 def is_cached(task: RunTask, dataset: Dataset) -> bool:
@@ -388,15 +410,18 @@ def is_cached(task: RunTask, dataset: Dataset) -> bool:
         key = shuffled_key(key, task.shuffle_seed)
         folders.append(cache.stage_dir(task.results_dir, "model", key))
     key = sae_key(key, task.cfg, task.device, task.replicate)
+    acts_key = activations_key(dataset, key, task.cfg)
     folders += [cache.stage_dir(task.results_dir, "sae", key),
                 cache.stage_dir(task.results_dir, "evaluation", evaluation_key(dataset, key, task.cfg)),
-                cache.stage_dir(task.results_dir, "activations", activations_key(dataset, key, task.cfg))]
+                cache.stage_dir(task.results_dir, "activations", acts_key),
+                cache.stage_dir(task.results_dir, "own_neurons", own_neurons_key(acts_key, task.cfg))]
     return all(map(cache.is_complete, folders))
 
 
 def load_run(paths: RunPaths, device: str) -> tuple[RunModel, RunSAE, activations.HeldoutActivations]:
     model = load_run_model(*paths.model, name=paths.name, seed=paths.seed, device=device)
     sae = load_evaluation(paths.evaluation, load_run_sae(*paths.sae, paths.name, paths.replicate, device))
+    sae = dataclasses.replace(sae, own_neurons=own_neurons.load(paths.own_neurons))
     return model, sae, activations.HeldoutActivations(paths.activations)
 
 
@@ -472,6 +497,14 @@ def summarize(pairs: list[PairResult], replicate_pairs: list[PairResult], random
     return summary
 
 
+def summarize_own_neurons(saes: dict[str, RunSAE], names: list[str], cfg: ExperimentConfig) -> dict[str, float]:
+    """The seeds' own SAEs against their models' neurons, over seeds (mean, std, seed-bootstrap CI):
+    ``own_neurons.max_corr_median_mean``, ``own_neurons.neurons_for_90pct_median_mean``, ..."""
+    stats = [saes[name].own_neurons.stats for name in names]
+    over_seeds = summarize_pairs(stats, [(i,) for i in range(len(names))], len(names), cfg.compare.n_bootstrap)
+    return {f"own_neurons.{key}": value for key, value in over_seeds.items()}
+
+
 def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str = "auto", progress: bool = True,
         engine: Engine = Engine()) -> RunResult:
     """corpus -> tokens -> per run (model -> SAE -> evaluation -> held-out activations) -> pair comparisons -> summary.
@@ -499,6 +532,7 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
     saes = {name: sae for name, (_, sae, _) in runs.items()}
     acts = {name: run_acts for name, (_, _, run_acts) in runs.items()}
     summary = summarize(by_kind["cross-model"], by_kind["same-model"], randomized, seed_names, cfg)
+    summary.update(summarize_own_neurons(saes, seed_names, cfg))
     return RunResult(cfg, dataset, models, saes, acts, by_kind["cross-model"], by_kind["same-model"], randomized, summary)
 
 
@@ -598,6 +632,7 @@ def headline(summary: dict, n_pairs: int, n_replicate_pairs: int, randomized: Pa
         if "ceiling_ratio.features.max_corr_median" in summary:
             lines.append(f"  {'across models / ceiling':<50} {summary['ceiling_ratio.features.max_corr_median']:.3f}")
     lines += row("neurons", "neurons.max_corr_median") + row("rotated neurons (baseline)", "rotation.max_corr_median")
+    lines += row("SAE features vs own neurons (mean over seeds)", "own_neurons.max_corr_median")
     if randomized is not None:
         lines.append(f"  {'SAE features, weight-shuffled models':<50} {randomized.stats['features.max_corr_median']:.3f}")
     return lines

@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 from universality.atomic import atomic_path, write_text  # noqa: E402
 from universality.errors import DataError  # noqa: E402
 from universality.feature_cards import RunSources, render_html  # noqa: E402
+from universality.own_neurons import NORM_SHARE, OwnNeurons  # noqa: E402
 from universality.pairs import PairResult  # noqa: E402
 from universality.run_names import replicate_of  # noqa: E402
 
@@ -84,6 +85,43 @@ def universality_histogram(max_corr: Mapping[str, np.ndarray], title: str) -> Fi
     ax.set(xlabel="max activation correlation with the other seed", ylabel="density of features", title=title, xlim=(0, 1))
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
     return render(fig, "universality.png", title)
+
+
+def own_neurons_figure(own: Mapping[str, OwnNeurons], cross_seed: np.ndarray, n_neurons: int) -> Figure:
+    """The paper's "invisible in the neuron basis", pooled over seeds: each SAE feature's max activation
+    correlation with a neuron of its own model beside its max correlation with the other seeds' features,
+    and how many neurons carry 90% of its decoder vector's squared norm (included features only)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    own_corr = np.concatenate([o.max_corr for o in own.values()])
+    included = ~np.isnan(own_corr)
+    cross = np.asarray(cross_seed, np.float64)
+    for values, color, label in ((own_corr[included], "tab:orange", "vs a neuron of its own model"),
+                                 (cross[~np.isnan(cross)], "tab:blue", "vs the other seeds' features")):
+        if values.size:
+            left.hist(values, bins=np.linspace(-0.2, 1, 49), density=True, histtype="step", linewidth=2, color=color,
+                      label=f"{label} (median {np.median(values):.2f}, n={values.size})")
+            left.axvline(np.median(values), color=color, linewidth=1)
+    left.set(xlabel="max activation correlation", ylabel="density of features", title="SAE features: max correlation")
+    left.legend(fontsize=7, loc="best", framealpha=0.8)
+    spread = np.concatenate([o.neurons_for_90pct for o in own.values()])[included]
+    right.hist(spread, bins=np.unique(np.geomspace(1, n_neurons + 1, 30).astype(int)), color="tab:orange", edgecolor="k")
+    if spread.size:
+        right.axvline(np.median(spread), color="k", linewidth=1, label=f"median {np.median(spread):g}")
+        right.legend(fontsize=8)
+    right.set(xscale="log", xlabel=f"neurons carrying {NORM_SHARE:.0%} of the decoder vector's squared norm",
+              ylabel="features", title=f"SAE features: spread over {n_neurons} neurons")
+    return render(fig, "own_neurons.png", "SAE features vs the neurons of their own model")
+
+
+def _own_neurons_table(own: Mapping[str, OwnNeurons]) -> str:
+    """Per seed: how neuron-like its SAE's features are (over included features)."""
+    keys = [k for k in next(iter(own.values())).stats if k.startswith(("max_corr_", "frac_above_", "neurons_for_"))]
+    head = "".join(f"<th>{k}</th>" for k in keys)
+    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{o.stats[k]:.3f}</td>" for k in keys) + "</tr>"
+                   for name, o in own.items())
+    return (f"<table><tr><th>SAE</th>{head}</tr>{body}</table><p>Max correlation: each feature's highest Pearson "
+            "correlation with a single neuron of its own model on the comparison tokens (the paper: features are "
+            "not neurons in disguise). Features firing fewer than compare.min_firings times are left out.</p>")
 
 
 def density_scatter(table: pd.DataFrame, title: str) -> Figure:
@@ -230,9 +268,9 @@ def pair_report(pair: PairResult, figures: Sequence[Figure], matched: pd.DataFra
 
 def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
                summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources],
-               sae_metrics: Mapping[str, Mapping], figure: Figure) -> str:
+               sae_metrics: Mapping[str, Mapping], figure: Figure, own_section: str) -> str:
     """The whole run: universality beside its ceiling and baselines, pooled histogram, per-pair rows, the
-    randomized control, feature cards."""
+    randomized control, features vs their own neurons (``own_section``), feature cards."""
     per_pair = "".join(
         f"<tr><td>{p.run_a} vs {p.run_b}</td><td>{p.stats['features.max_corr_median']:.3f}</td>"
         f"<td>{p.stats['neurons.max_corr_median']:.3f}</td><td>{p.stats['rotation.max_corr_median']:.3f}</td>"
@@ -254,6 +292,7 @@ def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult
             + f"<p>Feature families spanning every seed: {summary.get('families.n_all_runs', '–')}.</p>" + control
             + "<h2>Pairs</h2><table><tr><th>pair</th><th>features</th><th>neurons</th><th>rotated neurons</th>"
             + f"<th>mutual matches</th></tr>{per_pair}</table>" + figure.html()
+            + "<h2>Features vs the neurons of their own model</h2>" + own_section
             + _cards_section(ranked_features(matched, first.seed), first, matched))
     return page("univ: feature universality across seeds", body)
 
@@ -327,11 +366,16 @@ def write_pair_report(pair: PairResult, matched: pd.DataFrame, sources: Mapping[
 
 def write_run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
                      summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources],
-                     sae_metrics: Mapping[str, Mapping], folder: Path) -> Path:
+                     sae_metrics: Mapping[str, Mapping], folder: Path, *, own_neurons: Mapping[str, OwnNeurons],
+                     n_neurons: int) -> Path:
+    """The run report and its figures in ``folder``; ``own_neurons`` (by run name) of the pairs' seeds are shown."""
     folder.mkdir(parents=True, exist_ok=True)
-    figure = universality_histogram(pooled_max_corr(pairs, replicate_pairs),
-                                    "all pairs: max activation correlation per feature")
-    write_figure(figure, folder)
+    pooled = pooled_max_corr(pairs, replicate_pairs)
+    figure = universality_histogram(pooled, "all pairs: max activation correlation per feature")
+    own = {name: own_neurons[name] for p in pairs for name in (p.run_a, p.run_b)}
+    own_figure = own_neurons_figure(own, pooled["features"], n_neurons)
+    for drawn in (figure, own_figure):
+        write_figure(drawn, folder)
     write_text(folder / "report.html", run_report(pairs, replicate_pairs, randomized, summary, matched, sources,
-                                                  sae_metrics, figure))
+                                                  sae_metrics, figure, _own_neurons_table(own) + own_figure.html()))
     return folder

@@ -45,7 +45,7 @@ def stage_seconds(result: pipeline.RunResult) -> float:
     """Build time, as recorded in the cache, of every stage a run used: what the point costs computed
     alone from scratch, one stage after another (a sweep's own wall time is less once stages are shared)."""
     folders = {result.dataset.directory, *(m.directory for m in result.models.values()),
-               *(folder for s in result.saes.values() for folder in (s.directory, s.evaluation)),
+               *(folder for s in result.saes.values() for folder in (s.directory, s.evaluation, s.own_neurons.directory)),
                *(a.directory for a in result.activations.values()),
                *(p.directory for p in [*result.pairs, *result.replicate_pairs, result.randomized] if p is not None)}
     return sum(cache.build_seconds(folder) for folder in folders if folder is not None)

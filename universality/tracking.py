@@ -140,6 +140,7 @@ HEADLINE_NAMES = {  # internal key -> its name in the headline section
     "ceiling_ratio.features.max_corr_median": f"{HEADLINE}/features_over_ceiling",
 }
 SECTION_RULES = (  # (pattern in an internal key, its section); the first match wins, else the key's first part
+    (re.compile(r"^own_neurons\."), "own_neurons"),  # features vs their own model's neurons, thresholds and counts too
     (re.compile(r"^families\.|frac_features_partnered"), "families"),
     (re.compile(r"(^|\.)frac_(\w+_)?above_"), "thresholds"),
     (re.compile(r"(^|\.)n_"), "counts"),
@@ -249,7 +250,8 @@ class Tracker:
         start = time.perf_counter()
         folder = self.results_dir / "reports" / self.run_id
         sources = export.run_sources(result)
-        matched, families = export.matched_table(result.pairs, sources, result.replicate_pairs)
+        own = {name: sae.own_neurons for name, sae in result.saes.items()}
+        matched, families = export.matched_table(result.pairs, sources, result.replicate_pairs, own_neurons=own)
         for name in result.models:
             self._log_model_run(result, name, folder / "runs" / name)
         control = [(result.randomized, "randomized-pair")] if result.randomized is not None else []
@@ -260,7 +262,8 @@ class Tracker:
         if result.pairs:
             self.client.log_artifacts(self.run_id, str(reports.write_run_report(
                 result.pairs, result.replicate_pairs, result.randomized, result.summary, matched, sources,
-                {name: sae.metrics for name, sae in result.saes.items()}, folder / "report")), "report")
+                {name: sae.metrics for name, sae in result.saes.items()}, folder / "report", own_neurons=own,
+                n_neurons=result.cfg.model.d_mlp)), "report")
         dataset = result.dataset
         _log_dataset(self.client, self.run_id, dataset.corpus_source, dataset.corpus_fingerprint)
         self._log_statistics(self.run_id, result.summary,
@@ -291,7 +294,8 @@ class Tracker:
         self.log(run_id, [*transformer,
                           *curves(sae.history, "sae/"),
                           *[m for e in sae.resampling_events for m in metrics_from({"n_resampled": e["n_resampled"]}, "sae/", e["step"])],
-                          *metrics_from(sae_final, "sae_eval/")],
+                          *metrics_from(sae_final, "sae_eval/"),
+                          *metrics_from(sae.own_neurons.stats, "own_neurons/")],
                  params={"seed": model.seed, "model_key": model.key, "sae_key": sae.key, "sae_replicate": sae.replicate})
         folder.mkdir(parents=True, exist_ok=True)
         for figure in reports.drawn_once(sae.evaluation, lambda: [reports.density_histogram(sae.metrics["log10_density_hist"], name)]):
