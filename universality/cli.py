@@ -74,6 +74,18 @@ def _seed_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return seeds
 
 
+def _size_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        sizes = [int(s) for s in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated positive integers, e.g. 512,1024,2048, not {value!r}") from None
+    if min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise click.BadParameter(f"expected distinct positive integers, e.g. 512,1024,2048, not {value!r}")
+    return tuple(sizes)
+
+
 def experiment_options(command):
     """The options ``run`` and ``sweep`` share: which seeds and config, where results go, where the work runs."""
     options = [
@@ -94,14 +106,18 @@ def experiment_options(command):
         click.option("--sae-replicates", type=click.IntRange(min=0), default=None,
                      help="Extra SAEs per replicated model, differing only in the SAE seed: the within-model ceiling "
                           "(default: the config's sae.replicates, 1 on the first seed's model; 0: no ceiling)."),
+        click.option("--dict-sizes", callback=_size_list, metavar="N1,N2,...",
+                     help="A dictionary family: one SAE of each size per model, e.g. 512,1024,2048 (sae.dict_sizes); the "
+                          "largest is the primary size, reported as a single-size run is. Default: one SAE of sae.dict_size."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates):
-    """(config, seeds) from the shared options: the preset, the config file laid over it, the corpus, the replicates."""
+def _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates, dict_sizes):
+    """(config, seeds) from the shared options: the preset, the config file laid over it, the corpus, the replicates,
+    the dictionary sizes."""
     from universality.config import load_config, load_preset
 
     if seeds is not None and seed_list is not None:
@@ -114,18 +130,21 @@ def _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates):
         cfg = cfg.replace(data={"corpus": corpus})
     if sae_replicates is not None:
         cfg = cfg.replace(sae={"replicates": sae_replicates})
+    if dict_sizes is not None:
+        cfg = cfg.replace(sae={"dict_sizes": dict_sizes})
     return cfg, chosen
 
 
 @main.command()
 @experiment_options
 def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
-        jobs, backend, scheduler, sae_replicates) -> None:
+        jobs, backend, scheduler, sae_replicates, dict_sizes) -> None:
     """Train one transformer per seed, fit an SAE on each (and replicate SAEs for the ceiling), and compare every pair."""
-    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates)  # fails before torch loads
+    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates, dict_sizes)  # fails before torch loads
     from universality import pipeline, tracking
-    from universality.orchestration import Engine
+    from universality.orchestration import Engine, resolve_device
 
+    pipeline.check_memory(cfg, resolve_device(device))  # before the MLflow run is made
     engine = Engine(jobs, backend, scheduler)
     with tracking.tracked_run(results_dir, tracking_uri, experiment, cfg, chosen) as tracker:
         result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device, engine=engine)
@@ -155,11 +174,11 @@ def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):
                    "and of neurons across models, and of SAE features within a model (the ceiling).")
 @experiment_options
 def sweep(axes, stats, seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
-          jobs, backend, scheduler, sae_replicates) -> None:
+          jobs, backend, scheduler, sae_replicates, dict_sizes) -> None:
     """Run the experiment at every point of a grid of config fields; tabulate and plot statistics against each axis."""
     from universality.grid import grid_points
 
-    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates)
+    cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates, dict_sizes)
     points = grid_points(cfg, axes)  # every point's config is checked before torch loads
     from universality import sweep as sweeps
     from universality.orchestration import Engine

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,11 +41,11 @@ from universality.across_seeds import FAMILY_MIN_CORR, feature_families, include
 from universality.atomic import atomic_path, write_text
 from universality.config import ExperimentConfig
 from universality.corpus import load_corpus
-from universality.errors import UnivError, from_os_error
+from universality.errors import ConfigError, UnivError, from_os_error
 from universality.orchestration import Engine, resolve_device, spread_devices
 from universality.pairs import PairResult, compare_runs, feature_logit_weights, load_pair, save_pair
 from universality.progress import Board
-from universality.run_names import model_name, replica_name
+from universality.run_names import model_name, replica_name, size_of, summary_prefix
 from universality.tokenization import encode_documents, load_tokenizer, shuffled_documents, split_tokens, train_tokenizer
 
 DATA_VERSION = 1
@@ -120,7 +121,10 @@ class RunResult:
     pairs: list[PairResult]  # every pair of seeds
     replicate_pairs: list[PairResult]  # every pair of SAEs of one model: the within-model ceiling
     randomized: PairResult | None  # the two weight-shuffled controls, when enabled
-    summary: dict[str, float]  # statistics over all pairs (mean, std, CI), the ceiling, families
+    summary: dict[str, float]  # statistics over all pairs (mean, std, CI), the ceiling, families; other sizes' prefixed "size<N>."
+    # Per dictionary size (every size of sae.sizes; the primary's lists are ``pairs`` and ``replicate_pairs``):
+    size_pairs: dict[int, list[PairResult]] = dataclasses.field(default_factory=dict)  # pairs of seeds at that size
+    size_replicate_pairs: dict[int, list[PairResult]] = dataclasses.field(default_factory=dict)  # its ceiling pairs
 
 
 def prepare_data(cfg: ExperimentConfig, results_dir: Path) -> Dataset:
@@ -177,16 +181,62 @@ def shuffled_key(base_key: str, shuffle_seed: int) -> str:
     return cache.stage_key("shuffled", MODEL_VERSION, model=base_key, shuffle_seed=shuffle_seed)
 
 
+def size_config(cfg: ExperimentConfig, size: int | None = None) -> ExperimentConfig:
+    """The config one SAE of the family is trained with: ``size`` features (None: the primary size) and no family,
+    so that its cache key and checkpoint are those of a single-size run of that size."""
+    sae = dataclasses.replace(cfg.sae, dict_size=size or cfg.sae.dict_size, dict_sizes=())
+    return dataclasses.replace(cfg, sae=sae)
+
+
+def sae_run_name(cfg: ExperimentConfig, model: str, size: int, replicate: int = 0) -> str:
+    """The run name of ``model``'s SAE of ``size`` features: today's names for the primary size, "-d<size>" else."""
+    return replica_name(model, replicate, None if size == cfg.sae.dict_size else size)
+
+
+def family(run_names, cfg: ExperimentConfig, model: str) -> dict[int, str]:
+    """size -> the run name of ``model``'s own (replicate 0) SAE of that size, ascending, for the sizes among
+    ``run_names`` (a RunResult's ``saes``, or any names)."""
+    names = set(run_names)
+    return {size: name for size in cfg.sae.sizes if (name := sae_run_name(cfg, model, size)) in names}
+
+
+def sae_training_bytes(d_in: int, size: int, batch_size: int, buffer_size: int, resample_inputs: int) -> int:
+    """An estimate of the float32 bytes one SAE's training holds at once: its parameters (2 x d_in x size + size
+    + d_in) four times (weights, gradients, Adam's two moments), a batch's pre-activations, features and their
+    gradients (4 x batch x size), and the shuffling buffer and resampling inputs (d_in wide)."""
+    params = 2 * d_in * size + size + d_in
+    return 4 * (4 * params + 4 * batch_size * size + (buffer_size + resample_inputs) * d_in)
+
+
+def device_memory(device: str) -> int:
+    """Bytes of memory of ``device``: the GPU's total, or the machine's physical memory."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: ExperimentConfig, device: str) -> None:
+    """A one-line error, before any work, when the largest SAE cannot train on ``device`` at all."""
+    size = max(cfg.sae.sizes)
+    need = sae_training_bytes(cfg.model.d_mlp, size, cfg.sae.batch_size, cfg.sae.buffer_size, cfg.sae.resample_inputs)
+    have = device_memory(device)
+    if need > have:
+        raise ConfigError(f"an SAE of {size:,} features needs about {need / 2**30:,.1f} GiB to train (weights, gradients, "
+                          f"Adam state, a batch of {cfg.sae.batch_size}), more than the {have / 2**30:,.1f} GiB of "
+                          f"{device} memory: choose a smaller sae.dict_size / sae.dict_sizes")
+
+
 def sae_seed(model_seed: int, replicate: int) -> int:
     """Replicate 0 (the run's SAE) is seeded by its model's seed; replicate r by a seed of its own."""
     return model_seed + REPLICATE_SEED_STRIDE * replicate
 
 
-def sae_key(model_key: str, cfg: ExperimentConfig, device: str, replicate: int = 0) -> str:
-    """The model, the SAE's training fields (with the precision "auto" resolves to on ``device``) and its
-    replicate index: nothing about evaluation or comparison, and not how many replicates a run asks for
-    (adding replicates retrains no existing SAE)."""
-    fields = cfg.sae.training_fields() | {"precision": resolve_precision(cfg.sae.precision, device)}
+def sae_key(model_key: str, cfg: ExperimentConfig, device: str, replicate: int = 0, size: int | None = None) -> str:
+    """The model, the SAE's training fields (with the precision "auto" resolves to on ``device``; ``size``
+    features, None: the primary size) and its replicate index: nothing about evaluation or comparison, and not
+    how many replicates or sizes a run asks for (adding replicates or sizes retrains no existing SAE)."""
+    sae_cfg = size_config(cfg, size).sae
+    fields = sae_cfg.training_fields() | {"precision": resolve_precision(sae_cfg.precision, device)}
     return cache.stage_key("sae", SAE_VERSION, model=model_key, sae=fields, replicate=replicate)
 
 
@@ -266,13 +316,15 @@ def shuffle_model(base: RunModel, shuffle_seed: int, results_dir: Path, device: 
 
 
 def fit_sae(dataset: Dataset, run: RunModel, cfg: ExperimentConfig, device: str, results_dir: Path,
-            replicate: int = 0, progress: bool = True) -> RunSAE:
+            replicate: int = 0, progress: bool = True, size: int | None = None) -> RunSAE:
     """Fit (or reuse) an SAE on ``run``'s MLP activations over the training tokens. Replicate r > 0
-    differs from the run's SAE only in its seed: initialization and the order activations arrive in."""
-    key = sae_key(run.key, cfg, device, replicate)
+    differs from the run's SAE only in its seed: initialization and the order activations arrive in.
+    ``size``: another size of the family than the primary; its SAE sees the same activation stream."""
+    key = sae_key(run.key, cfg, device, replicate, size)
     directory = cache.stage_dir(results_dir, "sae", key)
     seed = sae_seed(run.seed, replicate)
-    name = replica_name(run.name, replicate)
+    name = replica_name(run.name, replicate, size)
+    cfg = size_config(cfg, size)
     with cache.lock(directory):
         if not cache.is_complete(directory):
             seqs = max(1, cfg.sae.batch_size // cfg.data.ctx_len)
@@ -365,12 +417,13 @@ class RunTask:
     results_dir: Path
     progress: bool
     replicate: int = 0  # r > 0: replicate r of the model's SAE (the within-model ceiling)
+    dict_size: int | None = None  # another size of the dictionary family than the primary (None)
 
     @property
     def name(self) -> str:
-        """The run's name: "seed0", "seed0-sae1" or "shuffled-seed0-1" (its progress line's label)."""
+        """The run's name: "seed0", "seed0-sae1", "seed0-d512" or "shuffled-seed0-1" (its progress line's label)."""
         model = f"seed{self.seed}" if self.shuffle_seed is None else f"shuffled-seed{self.seed}-{self.shuffle_seed}"
-        return replica_name(model, self.replicate)
+        return replica_name(model, self.replicate, self.dict_size)
 
 
 @dataclass(frozen=True)
@@ -394,7 +447,7 @@ def build_run(task: RunTask) -> RunPaths:
     model = train_model(dataset, task.cfg, task.seed, task.device, task.results_dir, task.progress)
     if task.shuffle_seed is not None:
         model = shuffle_model(model, task.shuffle_seed, task.results_dir, task.device)
-    sae = fit_sae(dataset, model, task.cfg, task.device, task.results_dir, task.replicate, task.progress)
+    sae = fit_sae(dataset, model, task.cfg, task.device, task.results_dir, task.replicate, task.progress, task.dict_size)
     evaluated = evaluate(dataset, model, sae, task.cfg, task.device, task.results_dir)
     acts = record_activations(dataset, model, sae, task.cfg, task.device, task.results_dir)
     own = compare_own_neurons(sae, acts, task.cfg, task.results_dir)
@@ -409,7 +462,7 @@ def is_cached(task: RunTask, dataset: Dataset) -> bool:
     if task.shuffle_seed is not None:
         key = shuffled_key(key, task.shuffle_seed)
         folders.append(cache.stage_dir(task.results_dir, "model", key))
-    key = sae_key(key, task.cfg, task.device, task.replicate)
+    key = sae_key(key, task.cfg, task.device, task.replicate, task.dict_size)
     acts_key = activations_key(dataset, key, task.cfg)
     folders += [cache.stage_dir(task.results_dir, "sae", key),
                 cache.stage_dir(task.results_dir, "evaluation", evaluation_key(dataset, key, task.cfg)),
@@ -466,7 +519,7 @@ def summarize(pairs: list[PairResult], replicate_pairs: list[PairResult], random
     """Statistics over all pairs (mean, std, seed-bootstrap CI), the within-model ceiling and the ratio of
     cross-model universality to it, feature families and partner counts."""
     index = {name: i for i, name in enumerate(names)}
-    units = [(index[p.run_a], index[p.run_b]) for p in pairs]
+    units = [(index[model_name(p.run_a)], index[model_name(p.run_b)]) for p in pairs]
     summary = summarize_pairs([p.stats for p in pairs], units, len(names), cfg.compare.n_bootstrap) if pairs else {}
     if replicate_pairs:
         units = [(index[model_name(p.run_a)],) for p in replicate_pairs]
@@ -475,7 +528,7 @@ def summarize(pairs: list[PairResult], replicate_pairs: list[PairResult], random
         if pairs:
             for key in CEILING_RATIOS:
                 summary[f"ceiling_ratio.{key}"] = summary[f"{key}_mean"] / summary[f"ceiling.{key}_mean"]
-    matchings = {(index[p.run_a], index[p.run_b]): p.matching for p in pairs}
+    matchings = {(index[model_name(p.run_a)], index[model_name(p.run_b)]): p.matching for p in pairs}
     if matchings:
         families = feature_families(matchings, min_corr=FAMILY_MIN_CORR)
         multi = families.n_runs > 1
@@ -513,6 +566,7 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
     parallel worker processes, on a Dask cluster); the results do not depend on it.
     """
     device = resolve_device(device)
+    check_memory(cfg, device)
     results_dir = Path(results_dir)
     with _disk_errors():
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -522,18 +576,29 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
                                   progress_board(results_dir, [task.name for task in tasks], progress))
         runs = {paths.name: load_run(paths, device) for paths in built}
         seed_names = [f"seed{s}" for s in seeds]
-        plan = pair_plan(list(runs), seed_names)
+        plan = pair_plan(list(runs), seed_names, cfg)
         compared = engine.map_cached(compare_pair, [(runs[a], runs[b], cfg, results_dir, kind == "same-model")
                                                     for a, b, kind in plan], is_compared,
                                      progress_board(results_dir, [f"{a} vs {b}" for a, b, _ in plan], progress))
-    by_kind = {kind: [p for p, (_, _, k) in zip(compared, plan) if k == kind] for kind in PAIR_KINDS}
-    randomized = by_kind["randomized"][0] if by_kind["randomized"] else None
+    by_kind: dict[tuple[str, int | None], list[PairResult]] = {}  # (kind, the size in the names) -> its pairs
+    for pair, (a, _, kind) in zip(compared, plan):
+        by_kind.setdefault((kind, size_of(a)), []).append(pair)
+    randomized = by_kind[("randomized", None)][0] if ("randomized", None) in by_kind else None
     models = {name: model for name, (model, _, _) in runs.items()}
     saes = {name: sae for name, (_, sae, _) in runs.items()}
     acts = {name: run_acts for name, (_, _, run_acts) in runs.items()}
-    summary = summarize(by_kind["cross-model"], by_kind["same-model"], randomized, seed_names, cfg)
+    sizes = {size: None if size == cfg.sae.dict_size else size for size in cfg.sae.sizes}  # size -> its name's size
+    size_pairs = {size: by_kind.get(("cross-model", named), []) for size, named in sizes.items()}
+    size_replicate_pairs = {size: by_kind.get(("same-model", named), []) for size, named in sizes.items()}
+    primary = cfg.sae.dict_size
+    summary = summarize(size_pairs[primary], size_replicate_pairs[primary], randomized, seed_names, cfg)
     summary.update(summarize_own_neurons(saes, seed_names, cfg))
-    return RunResult(cfg, dataset, models, saes, acts, by_kind["cross-model"], by_kind["same-model"], randomized, summary)
+    for size, named in sizes.items():
+        if named is not None:
+            stats = summarize(size_pairs[size], size_replicate_pairs[size], None, seed_names, cfg)
+            summary.update({f"{summary_prefix(named)}{key}": value for key, value in stats.items()})
+    return RunResult(cfg, dataset, models, saes, acts, size_pairs[primary], size_replicate_pairs[primary], randomized,
+                     summary, size_pairs, size_replicate_pairs)
 
 
 def progress_board(results_dir: Path, labels: list[str], progress: bool) -> Board | None:
@@ -544,13 +609,17 @@ def progress_board(results_dir: Path, labels: list[str], progress: bool) -> Boar
 PAIR_KINDS = ("cross-model", "same-model", "randomized")
 
 
-def pair_plan(run_names: list[str], seed_names: list[str]) -> list[tuple[str, str, str]]:
-    """(A, B, kind) of every comparison: each pair of seeds (cross-model), each pair of SAEs of one model
-    (same-model: the ceiling), and the two weight-shuffled controls (randomized)."""
-    plan = [(a, b, "cross-model") for a, b in itertools.combinations(seed_names, 2)]
-    for seed_name in seed_names:
-        replicas = [n for n in run_names if model_name(n) == seed_name]  # the seed's own SAE first, in task order
-        if len(replicas) > 1:
+def pair_plan(run_names: list[str], seed_names: list[str], cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
+    """(A, B, kind) of every comparison: at each dictionary size (the primary first), each pair of seeds
+    (cross-model) and each pair of SAEs of one model (same-model: the ceiling); then the two weight-shuffled
+    controls (randomized)."""
+    plan = []
+    for size in (cfg.sae.dict_size, *cfg.sae.sizes[-2::-1]):
+        named = None if size == cfg.sae.dict_size else size
+        own = [sae_run_name(cfg, seed_name, size) for seed_name in seed_names]
+        plan += [(a, b, "cross-model") for a, b in itertools.combinations(own, 2)]
+        for seed_name in seed_names:  # the seed's own SAE first, in task order
+            replicas = [n for n in run_names if model_name(n) == seed_name and size_of(n) == named]
             plan += [(a, b, "same-model") for a, b in itertools.combinations(replicas, 2)]
     shuffled = [n for n in run_names if n.startswith("shuffled-")]
     if shuffled:
@@ -561,15 +630,18 @@ def pair_plan(run_names: list[str], seed_names: list[str]) -> list[tuple[str, st
 def run_tasks(cfg: ExperimentConfig, dataset: Dataset, seeds: list[int], device: str, results_dir: Path,
               progress: bool) -> list[RunTask]:
     """One task per seed, then the replicate SAEs (of the first seed's model, or of every model), then
-    the two weight-shuffled controls of the first seed's model (if enabled)."""
-    runs = [(seed, None, 0) for seed in seeds]
+    the two weight-shuffled controls of the first seed's model (if enabled); then the same seeds and
+    replicates at every other size of the dictionary family, largest first."""
     replicated = seeds[:1] if cfg.sae.replicates_on == "first" else seeds
-    runs += [(seed, None, r) for seed in replicated for r in range(1, cfg.sae.replicates + 1)]
-    if cfg.compare.randomized_baseline:
-        runs += [(seeds[0], shuffle_seed, 0) for shuffle_seed in (1, 2)]
+    runs = []
+    for size in (None, *(s for s in reversed(cfg.sae.sizes) if s != cfg.sae.dict_size)):
+        runs += [(seed, None, 0, size) for seed in seeds]
+        runs += [(seed, None, r, size) for seed in replicated for r in range(1, cfg.sae.replicates + 1)]
+        if cfg.compare.randomized_baseline and size is None:
+            runs += [(seeds[0], shuffle_seed, 0, None) for shuffle_seed in (1, 2)]
     devices = spread_devices(device, len(runs))
-    return [RunTask(cfg, dataset.directory, dataset.key, seed, shuffle_seed, run_device, results_dir, progress, replicate)
-            for (seed, shuffle_seed, replicate), run_device in zip(runs, devices)]
+    return [RunTask(cfg, dataset.directory, dataset.key, seed, shuffle_seed, run_device, results_dir, progress, replicate, size)
+            for (seed, shuffle_seed, replicate, size), run_device in zip(runs, devices)]
 
 
 @contextlib.contextmanager
@@ -592,8 +664,9 @@ def describe(result: RunResult) -> str:
         quality = f"SAE fvu {s['fvu']:.3f} L0 {s['l0']:.1f} dead {s['dead_fraction']:.1%}"
         if "convergence_corr_median" in s:
             quality += f" converged {s['convergence_corr_median']:.2f}"
-        if sae.replicate:
-            lines.append(f"{name} (replicate SAE of {model_name(name)}): {quality} loss recovered {s['loss_recovered']:.1%}")
+        if sae.replicate or size_of(name):
+            what = "replicate SAE" if sae.replicate else f"{sae.sae.W_dec.shape[0]:,}-feature SAE"
+            lines.append(f"{name} ({what} of {model_name(name)}): {quality} loss recovered {s['loss_recovered']:.1%}")
         elif m.metrics:  # a trained model; a weight-shuffled control's MLP barely matters to its loss
             lines.append(f"{name}: held-out loss {m.metrics['eval_loss']:.3f} (bigram {m.metrics['bigram_ce']:.3f}) | "
                          f"{quality} loss recovered {s['loss_recovered']:.1%}")
@@ -607,8 +680,23 @@ def describe(result: RunResult) -> str:
         lines.append(f"{p.run_a} vs {p.run_b} (same model): median max corr features {p.stats['features.max_corr_median']:.3f} | "
                      f"decoder cosine, one-to-one {p.stats['decoder.cos_hungarian_median']:.3f}")
     lines += headline(result.summary, len(result.pairs), len(result.replicate_pairs), result.randomized)
+    lines += size_lines(result)
     lines.append(f"results in {result.dataset.directory.parent.parent.parent}")
     return "\n".join(lines)
+
+
+def size_lines(result: RunResult) -> list[str]:
+    """A dictionary family's universality at each size: across models, the ceiling and their ratio (none for one size)."""
+    if len(result.size_pairs) < 2:
+        return []
+    primary = result.cfg.sae.dict_size
+    lines = ["by dictionary size: median max activation correlation (mean over pairs): across models | ceiling | ratio"]
+    for size in result.size_pairs:
+        prefix = summary_prefix(None if size == primary else size)
+        values = [result.summary.get(f"{prefix}{key}", float("nan")) for key in (
+            "features.max_corr_median_mean", "ceiling.features.max_corr_median_mean", "ceiling_ratio.features.max_corr_median")]
+        lines.append(f"  {size:>8,} features{' (primary)' if size == primary else '':<10} " + " | ".join(f"{v:.3f}" for v in values))
+    return lines
 
 
 def headline(summary: dict, n_pairs: int, n_replicate_pairs: int, randomized: PairResult | None) -> list[str]:

@@ -204,14 +204,30 @@ def is_plain_file_name(name: str) -> bool:
 
 
 def pair_figures(pair: PairResult) -> list[Figure]:
-    """The pair's four figures (kept beside its cached comparison)."""
+    """The pair's figures (kept beside its cached comparison): four, and its ablation effects where computed."""
     name = f"{pair.run_a} vs {pair.run_b}"
     return drawn_once(pair.directory, lambda: [
         universality_histogram(pair.max_corr, f"{name}: max activation correlation per feature"),
         density_scatter(pair.table, f"{name}: density vs max correlation"),
         logit_scatter(pair.table, f"{name}: activation vs logit-weight correlation"),
         block_heatmap(pair.top_block, pair.run_a, pair.run_b, f"{name}: top matched features"),
+        *([effect_histogram(pair.table.effect_corr.to_numpy(), pair.random_effect_corr,
+                            f"{name}: ablation effects of matched features")] if pair.random_effect_corr.size else []),
     ])
+
+
+def effect_histogram(top_corr: np.ndarray, random_corr: np.ndarray, title: str) -> Figure:
+    """Causal universality: how alike the ablation effects of the top mutual matches are (correlation of the
+    per-token change in next-token log-probability), beside random feature pairs."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(-1, 1, 41)
+    for values, color, label in ((top_corr, "tab:blue", "top mutual matches"), (random_corr, "tab:gray", "random pairs")):
+        x = values[np.isfinite(values)]
+        if x.size:
+            ax.hist(x, bins=bins, histtype="step", linewidth=2, color=color, label=f"{label} (median {np.median(x):.2f}, n={x.size})")
+    ax.set(xlabel="correlation of ablation effects across the two runs", ylabel="feature pairs", title=title)
+    ax.legend(fontsize=8)
+    return render(fig, "ablation_effects.png", title)
 
 
 def ranked_features(matched: pd.DataFrame, seed_a: int, seed_b: int | None = None, sae_a: int = 0,
@@ -232,7 +248,9 @@ def _headline_table(stats: Mapping[str, float]) -> str:
             ("fraction of features with a partner above 0.5", stats.get("features.frac_above_0.5"), None),
             ("mutual matches", stats.get("features.n_mutual"), None),
             ("median logit-weight corr, mutual matches", stats.get("features.logit_corr_median_mutual"), None),
-            ("linear CKA of the MLP spaces", stats.get("cka"), None)]
+            ("linear CKA of the MLP spaces", stats.get("cka"), None),
+            ("median ablation-effect corr, top mutual matches", stats.get("causal.effect_corr_median_top"), None),
+            ("median ablation-effect corr, random feature pairs", stats.get("causal.effect_corr_median_random"), None)]
     fmt = lambda v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) and not v.is_integer() else f"{v:g}")  # noqa: E731
     body = "".join(f"<tr><td>{label}</td><td>{fmt(ours)}</td><td>{fmt(paper)}</td></tr>" for label, ours, paper in rows)
     return f"<table><tr><th>statistic</th><th>this run</th><th>paper (A/1 vs B/1)</th></tr>{body}</table>"
@@ -268,9 +286,10 @@ def pair_report(pair: PairResult, figures: Sequence[Figure], matched: pd.DataFra
 
 def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
                summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources],
-               sae_metrics: Mapping[str, Mapping], figure: Figure, own_section: str) -> str:
+               sae_metrics: Mapping[str, Mapping], figure: Figure, own_section: str, by_size: str = "") -> str:
     """The whole run: universality beside its ceiling and baselines, pooled histogram, per-pair rows, the
-    randomized control, features vs their own neurons (``own_section``), feature cards."""
+    randomized control, features vs their own neurons (``own_section``), feature cards; a dictionary family's
+    universality by size (``by_size``, HTML) after the ceiling."""
     per_pair = "".join(
         f"<tr><td>{p.run_a} vs {p.run_b}</td><td>{p.stats['features.max_corr_median']:.3f}</td>"
         f"<td>{p.stats['neurons.max_corr_median']:.3f}</td><td>{p.stats['rotation.max_corr_median']:.3f}</td>"
@@ -284,9 +303,11 @@ def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult
     pooled = {k: summary.get(f"{k}_mean") for k in ("features.max_corr_median", "neurons.max_corr_median",
                                                      "rotation.max_corr_median", "features.max_corr_mean",
                                                      "features.frac_above_0.5", "features.n_mutual",
-                                                     "features.logit_corr_median_mutual", "cka")}
+                                                     "features.logit_corr_median_mutual", "cka",
+                                                     "causal.effect_corr_median_top", "causal.effect_corr_median_random")}
     first = sources[pairs[0].run_a]
     body = ("<h2>Universality against its ceiling</h2>" + _ceiling_table(summary, len(pairs), len(replicate_pairs), randomized)
+            + by_size
             + "<h2>SAEs: quality and convergence</h2>" + _sae_table(sae_metrics)
             + "<h2>Headline (mean over pairs)</h2>" + _headline_table(pooled)
             + f"<p>Feature families spanning every seed: {summary.get('families.n_all_runs', '–')}.</p>" + control
@@ -367,7 +388,7 @@ def write_pair_report(pair: PairResult, matched: pd.DataFrame, sources: Mapping[
 def write_run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
                      summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources],
                      sae_metrics: Mapping[str, Mapping], folder: Path, *, own_neurons: Mapping[str, OwnNeurons],
-                     n_neurons: int) -> Path:
+                     n_neurons: int, by_size: str = "") -> Path:
     """The run report and its figures in ``folder``; ``own_neurons`` (by run name) of the pairs' seeds are shown."""
     folder.mkdir(parents=True, exist_ok=True)
     pooled = pooled_max_corr(pairs, replicate_pairs)
@@ -377,5 +398,5 @@ def write_run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[Pair
     for drawn in (figure, own_figure):
         write_figure(drawn, folder)
     write_text(folder / "report.html", run_report(pairs, replicate_pairs, randomized, summary, matched, sources,
-                                                  sae_metrics, figure, _own_neurons_table(own) + own_figure.html()))
+                                                  sae_metrics, figure, _own_neurons_table(own) + own_figure.html(), by_size))
     return folder

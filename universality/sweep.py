@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from universality import cache, export, pipeline, reports, tracking  # noqa: E402
+from universality import by_size, cache, export, pipeline, reports, tracking  # noqa: E402
 from universality.grid import Axis, Point, format_value  # noqa: E402
 from universality.orchestration import Engine, resolve_device  # noqa: E402
 
@@ -146,12 +146,12 @@ def summary_figure(table: pd.DataFrame, axes: Sequence[Axis], stats: Sequence[st
     return reports.render(fig, FIGURE_FILE, f"sweep over {', '.join(a.name for a in axes)}: {len(table)} points")
 
 
-def write_summary(table: pd.DataFrame, figure: reports.Figure, folder: Path) -> list[Path]:
-    """The summary table (Parquet and CSV) and the figure in ``folder``, each written atomically."""
+def write_summary(table: pd.DataFrame, figure: reports.Figure, folder: Path, name: str = TABLE_FILE) -> list[Path]:
+    """A summary table ``name`` (Parquet and CSV) and its figure in ``folder``, each written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     for fmt in ("parquet", "csv"):
-        export.write_table(table, folder / f"{TABLE_FILE}.{fmt}", fmt)
-    return [folder / f"{TABLE_FILE}.parquet", folder / f"{TABLE_FILE}.csv", reports.write_figure(figure, folder)]
+        export.write_table(table, folder / f"{name}.{fmt}", fmt)
+    return [folder / f"{name}.parquet", folder / f"{name}.csv", reports.write_figure(figure, folder)]
 
 
 @dataclass(frozen=True)
@@ -170,12 +170,14 @@ def run_sweep(axes: Sequence[Axis], points: Sequence[Point], seeds: list[int], r
     summary table and figure are rewritten and logged after every point, so a sweep stopped part way
     keeps the points it finished. ``echo`` receives one line per finished point."""
     device = resolve_device(device)
+    for point in points:
+        pipeline.check_memory(point.cfg, device)
     results_dir = Path(results_dir)
     grid = {f"grid.{axis.name}": ",".join(map(format_value, axis.values)) for axis in axes}
     with tracking.tracked_sweep(results_dir, tracking_uri, experiment, points[0].cfg, seeds,
                                 {**grid, "stats": ",".join(stats)}) as sweep:
         folder = results_dir / "reports" / sweep.run_id
-        rows = []
+        rows, size_tables = [], []
         for i, point in enumerate(points, 1):
             tags = {"univ.grid_point": point.label, **{f"univ.grid.{k}": format_value(v) for k, v in point.values.items()}}
             with tracking.tracked_run(results_dir, tracking_uri, experiment, point.cfg, seeds, parent_run_id=sweep.run_id,
@@ -187,6 +189,11 @@ def run_sweep(axes: Sequence[Axis], points: Sequence[Point], seeds: list[int], r
             rows.append(summary_row(point, result, seeds, stats, wall, tracker.run_id))
             table = summary_table(axes, rows, stats)
             files = write_summary(table, summary_figure(table, axes, stats), folder)
+            if len(point.cfg.sae.sizes) > 1:  # a dictionary family: universality by size, a line per point
+                size_tables.append(by_size.size_table(result, label=point.label))
+                sizes = by_size.combined(size_tables)
+                files += write_summary(sizes, by_size.size_figure(sizes, "universality by dictionary size, per grid point"),
+                                       folder, by_size.TABLE_FILE)
             for path in files:
                 sweep.client.log_artifact(sweep.run_id, str(path), SUMMARY_ARTIFACTS)
             shown = ", ".join(f"{stat.removesuffix('_mean')} {rows[-1][stat]:.3f}" for stat in stats)

@@ -35,10 +35,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
-from universality import export, reports
+from universality import by_size, export, reports
 from universality.config import ExperimentConfig
 from universality.errors import UnivError, first_line
 from universality.feature_cards import RunSources, load_run_sources, vocab_strings
+from universality.run_names import size_of
 
 KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -147,6 +148,7 @@ SECTION_RULES = (  # (pattern in an internal key, its section); the first match 
     (re.compile(r"(^|\.)(cka|svcca)"), "similarity"),
     (re.compile(r"^ceiling_ratio\."), "ceiling"),
 )
+SIZE_SECTION = re.compile(r"^(size\d+)\.")  # a dictionary family's other sizes: a section per size ("size512/...")
 DECILE = re.compile(r"(^|\.)decile(\d+)_")  # per-density-decile statistics: logged as a table, not as metrics
 _NAME_DOT = re.compile(r"(?<!\d)\.|\.(?!\d)")  # dots between names, not decimal points ("frac_above_0.5")
 _BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -156,8 +158,13 @@ def metric_name(key: str) -> str:
     """The MLflow name of an internal key (a dotted statistic such as ``features.max_corr_mean_mean``):
     ``section/name``. The headline numbers get a small first section of their own; the rest go by
     what they are (thresholds, counts, similarity, families) or by basis or scope (features, neurons,
-    rotation, randomized, ceiling, decoder). A key with a "/" is already named. MLflow allows letters,
+    rotation, randomized, ceiling, decoder); another dictionary size's statistics go to that size's section
+    (``size512.features.max_corr_median_mean`` -> ``size512/features_max_corr_median_mean``). A key with a "/" is
+    already named. MLflow allows letters,
     digits, ``_-./`` and spaces; anything else becomes ``_``."""
+    sized = SIZE_SECTION.match(key)
+    if sized:
+        key = f"{sized.group(1)}/{_NAME_DOT.sub('_', key[sized.end():])}"
     if "/" not in key:
         section = next((s for pattern, s in SECTION_RULES if pattern.search(key)), key.split(".")[0] if "." in key else "other")
         name = key.removeprefix(f"{section}.")
@@ -258,12 +265,14 @@ class Tracker:
         for pair, kind in [*((p, "pair") for p in result.pairs), *((p, "replicate-pair") for p in result.replicate_pairs),
                            *control]:
             self._log_pair(pair, kind, reports.write_pair_report(pair, matched, sources, folder / "pairs" / _pair_name(pair)))
+        self._log_other_sizes(result, folder / "pairs")
         self._log_tables(matched, families, folder / "tables")
+        sizes_html = self._log_size_table(result, folder) if len(result.cfg.sae.sizes) > 1 else ""
         if result.pairs:
             self.client.log_artifacts(self.run_id, str(reports.write_run_report(
                 result.pairs, result.replicate_pairs, result.randomized, result.summary, matched, sources,
                 {name: sae.metrics for name, sae in result.saes.items()}, folder / "report", own_neurons=own,
-                n_neurons=result.cfg.model.d_mlp)), "report")
+                n_neurons=result.cfg.model.d_mlp, by_size=sizes_html)), "report")
         dataset = result.dataset
         _log_dataset(self.client, self.run_id, dataset.corpus_source, dataset.corpus_fingerprint)
         self._log_statistics(self.run_id, result.summary,
@@ -281,9 +290,12 @@ class Tracker:
 
     def _log_model_run(self, result, name: str, folder: Path) -> None:
         model, sae = result.models[name], result.saes[name]
-        kind = "sae-replicate" if sae.replicate else "seed" if name.startswith("seed") else "control-model"
-        trained = not sae.replicate  # a replicate shares its model with the seed's run: log only its SAE
+        size = size_of(name)
+        kind = ("sae-replicate" if sae.replicate else "sae-size" if size else "seed" if name.startswith("seed")
+                else "control-model")
+        trained = not sae.replicate and not size  # other SAEs share the seed run's model: log only the SAE
         run_id = self.child(name, kind, {"univ.run_name": name, "univ.seed": str(model.seed),
+                                         "univ.dict_size": str(size or result.cfg.sae.dict_size),
                                          "univ.model_dir": str(model.directory.resolve()),
                                          "univ.sae_dir": str(sae.directory.resolve()),
                                          "univ.activations_dir": str(result.activations[name].directory.resolve())})
@@ -309,8 +321,36 @@ class Tracker:
             self.client.log_artifact(run_id, str(sae.directory / file), "sae")
         self.finish(run_id)
 
-    def _log_pair(self, pair, kind: str, folder: Path) -> None:
-        run_id = self.child(_pair_name(pair), kind, {"univ.run_a": pair.run_a, "univ.run_b": pair.run_b})
+    def _log_other_sizes(self, result, folder: Path) -> None:
+        """The pairs of a dictionary family's other sizes (not the primary): statistics and figures, tagged with
+        their size (their features are in no matched table: no feature cards)."""
+        for size in result.cfg.sae.sizes:
+            if size == result.cfg.sae.dict_size:
+                continue
+            for pair, kind in [*((p, "pair") for p in result.size_pairs[size]),
+                               *((p, "replicate-pair") for p in result.size_replicate_pairs[size])]:
+                pair_folder = folder / _pair_name(pair)
+                pair_folder.mkdir(parents=True, exist_ok=True)
+                for figure in reports.pair_figures(pair):
+                    reports.write_figure(figure, pair_folder)
+                self._log_pair(pair, kind, pair_folder, {"univ.dict_size": str(size)})
+
+    def _log_size_table(self, result, folder: Path) -> str:
+        """A dictionary family's universality by size: the table in ``tables/`` and the figure in ``report/`` of the
+        parent run; returns the run report's section."""
+        table = by_size.size_table(result)
+        figure = by_size.size_figure(table)
+        tables, report = folder / "tables", folder / "report"
+        for path in (tables, report):
+            path.mkdir(parents=True, exist_ok=True)
+        for fmt in ("parquet", "csv"):
+            export.write_table(table, tables / f"{by_size.TABLE_FILE}.{fmt}", fmt)
+            self.client.log_artifact(self.run_id, str(tables / f"{by_size.TABLE_FILE}.{fmt}"), "tables")
+        self.client.log_artifact(self.run_id, str(reports.write_figure(figure, report)), "report")
+        return by_size.size_section(table, figure)
+
+    def _log_pair(self, pair, kind: str, folder: Path, tags: Mapping[str, str] | None = None) -> None:
+        run_id = self.child(_pair_name(pair), kind, {"univ.run_a": pair.run_a, "univ.run_b": pair.run_b, **(tags or {})})
         self._log_statistics(run_id, pair.stats)
         self.client.log_artifacts(run_id, str(folder), "report")
         self.finish(run_id)
