@@ -195,3 +195,35 @@ def test_scored_rows_and_positions_line_up_with_the_contexts():
     rows = steering.scored_rows(3, 5, 1)  # stored rows: positions 1..4 of each context; scored: 1..3
     np.testing.assert_array_equal(rows, [0, 1, 2, 4, 5, 6, 8, 9, 10])
     assert [steering.scored_position(r, 5, 1) for r in range(4)] == [2, 3, 4, 7]
+
+
+@pytest.mark.slow
+def test_a_run_with_causal_top_n_reports_causal_universality_per_pair_and_in_the_export(tmp_path):
+    from fast_pipeline import fast_cfg, run_fast
+
+    from universality import export, pipeline, reports
+
+    cfg = fast_cfg().replace(compare={"causal_top_n": 4})
+    result = run_fast(tmp_path / "results", [0, 1], cfg)
+    for pair in [*result.pairs, *result.replicate_pairs]:
+        assert pair.stats["causal.n_top"] == min(4, pair.matching.n_mutual) > 0
+        computed = pair.table.effect_corr.notna()
+        assert computed.sum() == pair.stats["causal.n_top"] and pair.table.mutual[computed].all()
+        assert pair.random_effect_corr.shape == (4,)
+        assert pair.stats["causal.effect_corr_median_top"] == pytest.approx(pair.table.effect_corr[computed].median())
+        assert "ablation_effects.png" in {f.name for f in reports.pair_figures(pair)}
+    assert np.isfinite(result.summary["causal.effect_corr_median_top_mean"])
+    assert "ceiling.causal.effect_corr_median_top_mean" in result.summary
+    assert "causal universality" in pipeline.describe(result)
+    matched, _ = export.matched_table(result.pairs, export.run_sources(result), result.replicate_pairs,
+                                      own_neurons={name: sae.own_neurons for name, sae in result.saes.items()})
+    cross = matched[~matched.same_model]
+    pair = result.pairs[0]
+    forward = cross[cross.seed_a == 0].set_index("feature_a").effect_corr
+    backward = cross[cross.seed_a == 1].set_index("feature_a").effect_corr
+    top_a = np.flatnonzero(pair.table.effect_corr.notna())
+    np.testing.assert_allclose(forward[top_a], pair.table.effect_corr[top_a])
+    np.testing.assert_allclose(backward[pair.matching.best_b[top_a]], pair.table.effect_corr[top_a])
+    assert forward.notna().sum() == backward.notna().sum() == len(top_a)
+    again = run_fast(tmp_path / "results", [0, 1], cfg)  # cached: the same numbers come back from disk
+    np.testing.assert_array_equal(again.pairs[0].random_effect_corr, pair.random_effect_corr)

@@ -182,9 +182,14 @@ class CompareConfig:
     # the SAE's evaluation: at position 0 the model sees one token and no context, and features that
     # fire there with the same value whatever the token crowd the "universal" lists (0: keep them).
     skip_first_positions: int = 1
+    # Causal universality in every pair (0: off): the top N mutual matches by activation correlation are
+    # ablated in both models and the per-token changes of next-token log-probability correlated on the
+    # comparison tokens; the median, beside the same for N random feature pairs (costs ~0.1 s per feature).
+    causal_top_n: int = 0
 
     def __post_init__(self) -> None:
         _require(self.tokens >= 1, "compare.tokens must be >= 1")
+        _require(self.causal_top_n >= 0, "compare.causal_top_n must be >= 0")
         _require(min(self.min_firings, self.n_bootstrap, self.top_k_examples) >= 1,
                  "compare.min_firings, compare.n_bootstrap and compare.top_k_examples must be >= 1")
         _require(self.context_tokens >= 0, "compare.context_tokens must be >= 0")
@@ -207,6 +212,8 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _require(self.compare.skip_first_positions < self.data.ctx_len,
                  f"compare.skip_first_positions must be below data.ctx_len ({self.data.ctx_len})")
+        _require(not self.compare.causal_top_n or self.compare.skip_first_positions < self.data.ctx_len - 1,
+                 "compare.causal_top_n needs a scored token per context: compare.skip_first_positions below data.ctx_len - 1")
         _require(self.compare.tokens <= self.data.heldout_tokens,
                  f"compare.tokens ({self.compare.tokens}) must not exceed data.heldout_tokens ({self.data.heldout_tokens}): "
                  "activations are compared on held-out tokens")

@@ -26,6 +26,8 @@ single_position_a     bool     feature_a's top activations all sit at one positi
 own_neuron_a          int64    the neuron of feature_a's own model most correlated with it (-1: excluded)
 own_neuron_corr_a     float64  that max activation correlation (NaN: feature_a excluded)
 neurons_for_90pct_a   int64    fewest neurons carrying 90% of feature_a's decoder vector's squared norm
+effect_corr           float64  correlation of feature_a's and feature_b's ablation effects (per-token change
+                               in next-token log-probability; NaN: not among compare.causal_top_n top matches)
 ====================  =======  ==============================================================
 
 Excluded features (dead, or too rare to correlate) have no partners. ``families_table`` lists
@@ -67,6 +69,7 @@ MATCHED_COLUMNS: dict[str, str] = {
     "family": "int64",
     "sae_a": "int64", "sae_b": "int64", "same_model": "bool", "single_position_a": "bool",
     "own_neuron_a": "int64", "own_neuron_corr_a": "float64", "neurons_for_90pct_a": "int64",
+    "effect_corr": "float64",
 }
 FAMILY_COLUMNS: dict[str, str] = {
     "family": "int64", "size": "int64", "n_seeds": "int64", "mean_corr": "float64", "members": "string",
@@ -155,17 +158,29 @@ def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources]
     single = {name: s.single_position() for name, s in sources.items()}
     frames = []
     for p in [*pairs, *replicate_pairs]:
-        for m, name_a, name_b in ((p.matching, p.run_a, p.run_b), (reversed_matching(p.matching), p.run_b, p.run_a)):
+        directions = ((p.matching, p.run_a, p.run_b), (reversed_matching(p.matching), p.run_b, p.run_a))
+        for (m, name_a, name_b), effect in zip(directions, effect_corr(p)):
             a, b = sources[name_a], sources[name_b]
             sae_a, sae_b = replicate_of(name_a), replicate_of(name_b)
             family = families[a.seed] if sae_a == 0 and a.seed in families else np.full(m.best_b.size, -1)
             own = own_neurons[name_a]
             frames.append(_direction(m, a, b, top[name_a], top[name_b], family).assign(
                 sae_a=sae_a, sae_b=sae_b, same_model=a.seed == b.seed, single_position_a=single[name_a],
-                own_neuron_a=own.neuron, own_neuron_corr_a=own.max_corr, neurons_for_90pct_a=own.neurons_for_90pct))
+                own_neuron_a=own.neuron, own_neuron_corr_a=own.max_corr, neurons_for_90pct_a=own.neurons_for_90pct,
+                effect_corr=effect))
     frame = pd.concat(frames)
     frame = frame.sort_values(["same_model", "seed_a", "sae_a", "seed_b", "sae_b", "feature_a"], kind="stable")
     return _typed(frame, MATCHED_COLUMNS), family_table
+
+
+def effect_corr(pair: PairResult) -> tuple[np.ndarray, np.ndarray]:
+    """The ablation-effect correlation of each of A's features with its partner ([F_A], NaN where not computed),
+    and the same seen from B: the pairs it is computed for are mutual matches, each its partner's partner."""
+    forward = pair.table["effect_corr"].to_numpy(np.float64)
+    backward = np.full(pair.matching.best_a.size, np.nan)
+    done = np.flatnonzero(np.isfinite(forward))
+    backward[pair.matching.best_b[done]] = forward[done]
+    return forward, backward
 
 
 def run_sources(result) -> dict[str, RunSources]:

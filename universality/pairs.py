@@ -10,8 +10,9 @@ by linear CKA and SVCCA.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from universality.config import CompareConfig
 from universality.matching import NO_PARTNER, Matching
 from universality.similarity import decoder_statistics, linear_cka, logit_weight_similarity, svcca
 from universality.statistics import excess_statistics, random_rotation
+from universality.steering import PairCausal
 
 BASES = ("features", "neurons", "rotation")
 SIMILARITY_TOKENS = 8192  # tokens used for CKA / SVCCA of the MLP spaces
@@ -38,11 +40,14 @@ class PairResult:
     run_a: str
     run_b: str
     stats: dict[str, float]  # flat and loggable: "features.max_corr_median", "neurons.frac_above_0.5", "cka", ...
-    table: pd.DataFrame  # one row per SAE feature of A: partners, correlations, densities, logit_corr
+    table: pd.DataFrame  # one row per SAE feature of A: partners, correlations, densities, logit_corr, effect_corr
     matching: Matching  # of the SAE features
     max_corr: dict[str, np.ndarray]  # basis -> [F_A] max correlation with B (NaN where excluded); features only for same-model pairs
     top_block: np.ndarray  # [k, k] correlations of A's top matched features with their partners
     directory: Path | None = None  # the cached comparison's folder, once saved
+    # Ablation-effect correlations of random feature pairs (compare.causal_top_n; the top matches' are the
+    # table's ``effect_corr`` column): the null that causal universality is read against
+    random_effect_corr: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @torch.no_grad()
@@ -85,6 +90,7 @@ def compare_runs(
     logit_corr = np.full(len(table), np.nan)
     logit_corr[has_partner] = logit_weight_similarity(logits_a, logits_b, np.flatnonzero(has_partner), matching.best_b[has_partner])
     table["logit_corr"] = logit_corr
+    table["effect_corr"] = np.nan  # ablation-effect correlation with the partner, where computed (``with_causal``)
     stats["features.logit_corr_median"] = float(np.nanmedian(logit_corr)) if has_partner.any() else float("nan")
     mutual_a, _ = matching.mutual_pairs()
     stats["features.logit_corr_median_mutual"] = float(np.median(logit_corr[mutual_a])) if mutual_a.size else float("nan")
@@ -94,6 +100,13 @@ def compare_runs(
         sample_b = np.asarray(neurons_b[:SIMILARITY_TOKENS], np.float64)
         stats["cka"], stats["svcca"] = linear_cka(sample_a, sample_b), svcca(sample_a, sample_b)
     return PairResult(run_a, run_b, stats, table, matching, max_corr, _top_block(results["features"].corr, matching))
+
+
+def with_causal(result: PairResult, causal: PairCausal) -> PairResult:
+    """The pair with its causal universality: statistics, A's ``effect_corr`` column, the random pairs'."""
+    return dataclasses.replace(result, stats={**result.stats, **causal.stats},
+                               table=result.table.assign(effect_corr=causal.effect_corr_A),
+                               random_effect_corr=causal.random_corr)
 
 
 def _top_block(corr: np.ndarray, matching: Matching) -> np.ndarray:
@@ -108,7 +121,8 @@ def save_pair(result: PairResult, directory: Path) -> None:
     with atomic_path(directory / "table.parquet") as tmp:
         result.table.to_parquet(tmp, index=False)
     arrays = {f"matching_{k}": v for k, v in vars(result.matching).items()}
-    arrays.update({f"max_corr_{k}": v for k, v in result.max_corr.items()}, top_block=result.top_block)
+    arrays.update({f"max_corr_{k}": v for k, v in result.max_corr.items()}, top_block=result.top_block,
+                  random_effect_corr=result.random_effect_corr)
     with atomic_path(directory / "arrays.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -120,6 +134,7 @@ def load_pair(directory: Path) -> PairResult:
     with np.load(directory / "arrays.npz") as arrays:
         matching = Matching(**{k[len("matching_"):]: arrays[k] for k in arrays.files if k.startswith("matching_")})
         max_corr = {basis: arrays[f"max_corr_{basis}"] for basis in BASES if f"max_corr_{basis}" in arrays.files}
-        top_block = arrays["top_block"]
+        top_block, random_effect_corr = arrays["top_block"], arrays["random_effect_corr"]
     table = pd.read_parquet(directory / "table.parquet")
-    return PairResult(meta["run_a"], meta["run_b"], meta["stats"], table, matching, max_corr, top_block, directory)
+    return PairResult(meta["run_a"], meta["run_b"], meta["stats"], table, matching, max_corr, top_block, directory,
+                      random_effect_corr)

@@ -36,14 +36,14 @@ from sae.base import SAE
 from sae.checkpoint import jsonable, load_sae, load_snapshot, save_sae
 from sae.evaluation import convergence, evaluate_sae, loss_recovered
 from sae.training import resolve_precision, train_sae
-from universality import activations, cache, own_neurons
+from universality import activations, cache, own_neurons, steering
 from universality.across_seeds import FAMILY_MIN_CORR, feature_families, included_features, partner_counts, summarize_pairs
 from universality.atomic import atomic_path, write_text
 from universality.config import ExperimentConfig
 from universality.corpus import load_corpus
 from universality.errors import ConfigError, UnivError, from_os_error
 from universality.orchestration import Engine, resolve_device, spread_devices
-from universality.pairs import PairResult, compare_runs, feature_logit_weights, load_pair, save_pair
+from universality.pairs import PairResult, compare_runs, feature_logit_weights, load_pair, save_pair, with_causal
 from universality.progress import Board
 from universality.run_names import model_name, replica_name, size_of, summary_prefix
 from universality.tokenization import encode_documents, load_tokenizer, shuffled_documents, split_tokens, train_tokenizer
@@ -53,7 +53,7 @@ MODEL_VERSION = 2  # 2: LayerNorm with thread-count-independent gradients
 SAE_VERSION = 3  # 2: training only (its evaluation is the evaluation stage); replicates. 3: bf16 matmuls, LR decay, snapshot, resampling until late
 EVALUATION_VERSION = 1
 ACTIVATIONS_VERSION = 3  # 3: the first compare.skip_first_positions of each context left out
-PAIR_VERSION = 3  # 3: same-model (replicate) pairs compare features and decoder vectors
+PAIR_VERSION = 4  # 3: same-model (replicate) pairs compare features and decoder vectors. 4: causal universality (compare.causal_top_n)
 OWN_NEURONS_VERSION = 1
 SAE_EVAL_BATCH_CONTEXTS = 32
 REPLICATE_SEED_STRIDE = 1_000_003  # replicate r of a model seeded s trains with SAE seed s + r * stride
@@ -482,19 +482,23 @@ def pair_key(acts_a: activations.HeldoutActivations, acts_b: activations.Heldout
              same_model: bool = False) -> str:
     """Both runs' activations (which fix the tokens) and the only compare settings a pair uses."""
     return cache.stage_key("pair", PAIR_VERSION, a=acts_a.directory.name, b=acts_b.directory.name,
-                           min_firings=cfg.compare.min_firings, thresholds=cfg.compare.thresholds, same_model=same_model)
+                           min_firings=cfg.compare.min_firings, thresholds=cfg.compare.thresholds, same_model=same_model,
+                           causal_top_n=cfg.compare.causal_top_n)
 
 
-def is_compared(a: tuple, b: tuple, cfg: ExperimentConfig, results_dir: Path, same_model: bool = False) -> bool:
-    """Whether ``compare_pair(a, b, ...)`` is cached."""
+def is_compared(a: tuple, b: tuple, cfg: ExperimentConfig, results_dir: Path, same_model: bool = False,
+                data_dir: Path | None = None) -> bool:
+    """Whether ``compare_pair(a, b, ...)`` is cached (where the tokens are, ``data_dir``, is not part of its key)."""
     return cache.is_complete(cache.stage_dir(results_dir, "pair", pair_key(a[2], b[2], cfg, same_model)))
 
 
 def compare_pair(a: tuple[RunModel, RunSAE, activations.HeldoutActivations],
                  b: tuple[RunModel, RunSAE, activations.HeldoutActivations],
-                 cfg: ExperimentConfig, results_dir: Path, same_model: bool = False) -> PairResult:
+                 cfg: ExperimentConfig, results_dir: Path, same_model: bool = False, data_dir: Path | None = None) -> PairResult:
     """Match A's features, neurons and rotated neurons against B's (cached per pair). Two SAEs of the
-    same model (``same_model``) share their neurons: their features are matched, and their decoder vectors."""
+    same model (``same_model``) share their neurons: their features are matched, and their decoder vectors.
+    With ``compare.causal_top_n``, the top mutual matches are also ablated in both models (on the held-out
+    tokens of the data stage in ``data_dir``) and their effects correlated: causal universality."""
     (model_a, sae_a, acts_a), (model_b, sae_b, acts_b) = a, b
     key = pair_key(acts_a, acts_b, cfg, same_model)
     directory = cache.stage_dir(results_dir, "pair", key)
@@ -506,9 +510,23 @@ def compare_pair(a: tuple[RunModel, RunSAE, activations.HeldoutActivations],
                 sae_b.name, acts_b, feature_logit_weights(model_b.model, sae_b.sae),
                 cfg.compare, rotation_seed=int(key[:8], 16), decoders=decoders,
             )
+            if cfg.compare.causal_top_n:
+                result = with_causal(result, _causal(a, b, result, cfg, data_dir, seed=int(key[8:16], 16)))
             save_pair(result, directory)
             cache.mark_complete(directory, {"pair": [sae_a.name, sae_b.name]}, f"{sae_a.name} vs {sae_b.name}")
     return load_pair(directory)
+
+
+def _causal(a: tuple, b: tuple, result: PairResult, cfg: ExperimentConfig, data_dir: Path | None,
+            seed: int) -> steering.PairCausal:
+    """Ablation effects of the pair's top mutual matches and of random pairs, on the comparison tokens."""
+    if data_dir is None:
+        raise ValueError("compare.causal_top_n needs the data stage's folder (data_dir)")
+    contexts = activations.eval_contexts(np.load(Path(data_dir) / "heldout.npy", mmap_mode="r"), cfg.data.ctx_len,
+                                         cfg.compare.tokens)
+    a_subject, b_subject = (steering.subject(run_model.model, run_sae.sae, run_acts.features(), contexts,
+                                             cfg.compare.skip_first_positions) for run_model, run_sae, run_acts in (a, b))
+    return steering.causal_universality(a_subject, b_subject, result.matching, cfg.compare.causal_top_n, seed)
 
 
 CEILING_RATIOS = ("features.max_corr_median", "features.max_corr_mean", "features.frac_above_0.5")
@@ -577,7 +595,7 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
         runs = {paths.name: load_run(paths, device) for paths in built}
         seed_names = [f"seed{s}" for s in seeds]
         plan = pair_plan(list(runs), seed_names, cfg)
-        compared = engine.map_cached(compare_pair, [(runs[a], runs[b], cfg, results_dir, kind == "same-model")
+        compared = engine.map_cached(compare_pair, [(runs[a], runs[b], cfg, results_dir, kind == "same-model", dataset.directory)
                                                     for a, b, kind in plan], is_compared,
                                      progress_board(results_dir, [f"{a} vs {b}" for a, b, _ in plan], progress))
     by_kind: dict[tuple[str, int | None], list[PairResult]] = {}  # (kind, the size in the names) -> its pairs
@@ -723,4 +741,8 @@ def headline(summary: dict, n_pairs: int, n_replicate_pairs: int, randomized: Pa
     lines += row("SAE features vs own neurons (mean over seeds)", "own_neurons.max_corr_median")
     if randomized is not None:
         lines.append(f"  {'SAE features, weight-shuffled models':<50} {randomized.stats['features.max_corr_median']:.3f}")
+    if "causal.effect_corr_median_top_mean" in summary:
+        lines += ["causal universality: median correlation of ablation effects (per-token change in next-token log-prob)",
+                  *row("top mutual matches (compare.causal_top_n)", "causal.effect_corr_median_top"),
+                  *row("random feature pairs", "causal.effect_corr_median_random")]
     return lines
