@@ -713,7 +713,8 @@ def size_lines(result: RunResult) -> list[str]:
         prefix = summary_prefix(None if size == primary else size)
         values = [result.summary.get(f"{prefix}{key}", float("nan")) for key in (
             "features.max_corr_median_mean", "ceiling.features.max_corr_median_mean", "ceiling_ratio.features.max_corr_median")]
-        lines.append(f"  {size:>8,} features{' (primary)' if size == primary else '':<10} " + " | ".join(f"{v:.3f}" for v in values))
+        shown = ("–" if np.isnan(v) else f"{v:.3f}" for v in values)
+        lines.append(f"  {size:>8,} features{' (primary)' if size == primary else '':<10} " + " | ".join(shown))
     return lines
 
 
