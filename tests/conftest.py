@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from universality.config import load_preset
 
@@ -12,6 +13,15 @@ from universality.config import load_preset
 @pytest.fixture(scope="session")
 def tiny_cfg():
     return load_preset("tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """Small matmuls run faster (and steadier on a shared machine) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()

@@ -54,15 +54,6 @@ def planted() -> tuple[torch.Tensor, torch.Tensor]:
     return sparse_superposition(100_000)
 
 
-@pytest.fixture
-def one_thread():
-    """Small matmuls run faster (and steadier on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---- planted ground truth -------------------------------------------------------------------
 
 def test_train_sae_defaults_recover_a_planted_dictionary(planted, tmp_path, one_thread):

@@ -49,17 +49,23 @@ class PairComparison:
         )
 
 
+def correlate(chunks: Iterable[tuple[Activations, Activations]],
+              min_firings: int) -> tuple[np.ndarray, FeatureCensus, FeatureCensus]:
+    """The Pearson correlation [F_A, F_B] of A's and B's features streamed over all chunks, and each
+    side's census (features firing fewer than ``min_firings`` times are too rare to correlate)."""
+    acc = StreamingCorrelation()
+    for acts_a, acts_b in chunks:
+        acc.update(acts_a, acts_b)
+    return (acc.correlation(), FeatureCensus(acc.counts_a, acc.dead_a, acc.n_tokens, min_firings),
+            FeatureCensus(acc.counts_b, acc.dead_b, acc.n_tokens, min_firings))
+
+
 def compare(chunks: Iterable[tuple[Activations, Activations]], cfg: CompareConfig) -> PairComparison:
     """Correlate A's and B's features over all chunks, match the included ones, and summarize.
 
     Uses ``cfg.min_firings`` and ``cfg.thresholds``; the caller decides how many tokens to stream.
     """
-    acc = StreamingCorrelation()
-    for acts_a, acts_b in chunks:
-        acc.update(acts_a, acts_b)
-    corr = acc.correlation()
-    census_a = FeatureCensus(acc.counts_a, acc.dead_a, acc.n_tokens, cfg.min_firings)
-    census_b = FeatureCensus(acc.counts_b, acc.dead_b, acc.n_tokens, cfg.min_firings)
+    corr, census_a, census_b = correlate(chunks, cfg.min_firings)
     matching = match(corr, census_a.included, census_b.included)
     stats = pair_statistics(matching, census_a, census_b, cfg.thresholds)
     return PairComparison(corr, census_a, census_b, matching, stats)
