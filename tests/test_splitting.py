@@ -80,10 +80,11 @@ def test_tree_across_sizes_follows_children_to_grandchildren():
 
 
 def test_splits_table_has_the_documented_columns():
-    table = splits_table("seed0", chain_levels())
+    table = splits_table({"seed0": chain_levels(), "seed1": chain_levels()[:1]})
     assert list(table.columns) == ["model", "size_a", "feature_a", "size_b", "feature_b", "corr", "cos"]
-    assert str(table.model.dtype) == "string" and table.size_a.tolist() == [2] * 3 + [3] * 5
-    empty = splits_table("seed0", [])
+    assert str(table.model.dtype) == "string" and table.size_a.tolist() == [2] * 3 + [3] * 5 + [2] * 3
+    assert table.model.tolist() == ["seed0"] * 8 + ["seed1"] * 3
+    empty = splits_table({})
     assert list(empty.columns) == list(table.columns) and empty.dtypes.equals(table.dtypes)
 
 
@@ -175,3 +176,32 @@ def test_planted_parent_splits_into_its_two_children(one_thread):
     stats = level_statistics(level)
     assert stats["frac_split"] == pytest.approx(1 / (N_OTHER + 1)) and stats["frac_vanish"] == 0
     assert stats["children_density_sum_ratio_median"] == pytest.approx(1.0, abs=0.02)  # the firings are shared out
+
+
+# ---- in the pipeline ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_family_run_splits_each_model_between_consecutive_sizes_and_a_single_size_does_no_extra_work(tmp_path):
+    from fast_pipeline import fast_cfg, run_fast
+
+    from universality import pipeline
+
+    names = ["seed0", "seed0-d32", "seed0-d64", "seed1", "seed1-d32", "seed1-d64"]
+    assert pipeline.split_plan(names, ["seed0", "seed1"], fast_cfg().replace(sae={"dict_sizes": [32, 64, 128]})) == [
+        ("seed0-d32", "seed0-d64"), ("seed0-d64", "seed0"), ("seed1-d32", "seed1-d64"), ("seed1-d64", "seed1")]
+    assert pipeline.split_plan(["seed0", "seed1"], ["seed0", "seed1"], fast_cfg()) == []
+
+    results = tmp_path / "results"
+    single = run_fast(results, [0], fast_cfg().replace(sae={"replicates": 0, "dict_size": 128}))
+    assert single.splits == {} and not any(k.startswith("splits.") for k in single.summary)
+    assert not (results / "cache" / "split").exists()
+
+    family = fast_cfg().replace(sae={"dict_sizes": [64, 128], "replicates": 0})  # 128 is the single run's: cached
+    result = run_fast(results, [0], family)
+    [level] = result.splits["seed0"]
+    assert (level.size_a, level.size_b) == (64, 128) and len(list((results / "cache" / "split").glob("*/done.json"))) == 1
+    stats = {c: result.summary[f"splits.64_to_128.frac_{c}_mean"] for c in ("persist", "split", "shift", "vanish")}
+    assert sum(stats.values()) == pytest.approx(1.0) and stats == {c: level_statistics(level)[f"frac_{c}"] for c in stats}
+    assert "feature splitting" in pipeline.describe(result) and "64 -> 128" in pipeline.describe(result)
+    again = run_fast(results, [0], family)  # cached: the same level
+    pd.testing.assert_frame_equal(again.splits["seed0"][0].edges, level.edges)

@@ -36,7 +36,7 @@ from sae.base import SAE
 from sae.checkpoint import jsonable, load_sae, load_snapshot, save_sae
 from sae.evaluation import convergence, evaluate_sae, loss_recovered
 from sae.training import resolve_precision, train_sae
-from universality import activations, cache, own_neurons, steering
+from universality import activations, cache, own_neurons, splitting, steering
 from universality.across_seeds import FAMILY_MIN_CORR, feature_families, included_features, partner_counts, summarize_pairs
 from universality.atomic import atomic_path, write_text
 from universality.config import ExperimentConfig
@@ -55,6 +55,7 @@ EVALUATION_VERSION = 1
 ACTIVATIONS_VERSION = 3  # 3: the first compare.skip_first_positions of each context left out
 PAIR_VERSION = 4  # 3: same-model (replicate) pairs compare features and decoder vectors. 4: causal universality (compare.causal_top_n)
 OWN_NEURONS_VERSION = 1
+SPLIT_VERSION = 1
 SAE_EVAL_BATCH_CONTEXTS = 32
 REPLICATE_SEED_STRIDE = 1_000_003  # replicate r of a model seeded s trains with SAE seed s + r * stride
 
@@ -125,6 +126,8 @@ class RunResult:
     # Per dictionary size (every size of sae.sizes; the primary's lists are ``pairs`` and ``replicate_pairs``):
     size_pairs: dict[int, list[PairResult]] = dataclasses.field(default_factory=dict)  # pairs of seeds at that size
     size_replicate_pairs: dict[int, list[PairResult]] = dataclasses.field(default_factory=dict)  # its ceiling pairs
+    # Feature splitting (a family only): per model ("seed0"), its dictionaries of consecutive sizes compared, smallest first
+    splits: dict[str, list[splitting.SplitLevel]] = dataclasses.field(default_factory=dict)
 
 
 def prepare_data(cfg: ExperimentConfig, results_dir: Path) -> Dataset:
@@ -529,6 +532,58 @@ def _causal(a: tuple, b: tuple, result: PairResult, cfg: ExperimentConfig, data_
     return steering.causal_universality(a_subject, b_subject, result.matching, cfg.compare.causal_top_n, seed)
 
 
+def split_key(acts_a: activations.HeldoutActivations, acts_b: activations.HeldoutActivations, cfg: ExperimentConfig) -> str:
+    """Both dictionaries' activations (which fix the tokens) and the compare settings a split level uses."""
+    return cache.stage_key("split", SPLIT_VERSION, a=acts_a.directory.name, b=acts_b.directory.name,
+                           min_firings=cfg.compare.min_firings, min_corr=splitting.CHILD_MIN_CORR)
+
+
+def split_plan(run_names, seed_names: list[str], cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """(smaller, next larger) own SAE of every seed's model, for each consecutive pair of its dictionary sizes;
+    none for a single size."""
+    plan = []
+    for seed_name in seed_names:
+        names = list(family(run_names, cfg, seed_name).values())
+        plan += list(zip(names, names[1:]))
+    return plan
+
+
+def is_split(a: tuple, b: tuple, cfg: ExperimentConfig, results_dir: Path) -> bool:
+    """Whether ``split_features(a, b, ...)`` is cached."""
+    return cache.is_complete(cache.stage_dir(results_dir, "split", split_key(a[2], b[2], cfg)))
+
+
+def split_features(a: tuple[RunModel, RunSAE, activations.HeldoutActivations],
+                   b: tuple[RunModel, RunSAE, activations.HeldoutActivations],
+                   cfg: ExperimentConfig, results_dir: Path) -> splitting.SplitLevel:
+    """A's features (the smaller dictionary) against B's (the next larger, same model) on the comparison tokens:
+    activation correlations and decoder cosines of every parent and child (cached per pair of sizes)."""
+    (_, sae_a, acts_a), (_, sae_b, acts_b) = a, b
+    directory = cache.stage_dir(results_dir, "split", split_key(acts_a, acts_b, cfg))
+    with cache.lock(directory):
+        if not cache.is_complete(directory):
+            decoders = (run_sae.sae.W_dec.detach().float().cpu().numpy() for run_sae in (sae_a, sae_b))
+            level = splitting.compare_sizes(activations.paired_chunks(acts_a.features(), acts_b.features()), *decoders,
+                                            cfg.compare.min_firings)
+            splitting.save_level(level, directory)
+            cache.mark_complete(directory, {"split": [sae_a.name, sae_b.name]}, f"{sae_a.name} into {sae_b.name}")
+    return splitting.load_level(directory)
+
+
+def summarize_splits(splits: dict[str, list[splitting.SplitLevel]], cfg: ExperimentConfig) -> dict[str, float]:
+    """Each consecutive size pair's split statistics over the models (mean, std, seed-bootstrap CI):
+    ``splits.512_to_1024.frac_split_mean``, ``splits.512_to_1024.child_density_ratio_median_mean``, ..."""
+    by_sizes: dict[tuple[int, int], list[dict]] = {}
+    for levels in splits.values():
+        for level in levels:
+            by_sizes.setdefault((level.size_a, level.size_b), []).append(splitting.level_statistics(level))
+    summary = {}
+    for (size_a, size_b), stats in by_sizes.items():
+        over_models = summarize_pairs(stats, [(i,) for i in range(len(stats))], len(stats), cfg.compare.n_bootstrap)
+        summary.update({f"splits.{size_a}_to_{size_b}.{key}": value for key, value in over_models.items()})
+    return summary
+
+
 CEILING_RATIOS = ("features.max_corr_median", "features.max_corr_mean", "features.frac_above_0.5")
 
 
@@ -598,6 +653,13 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
         compared = engine.map_cached(compare_pair, [(runs[a], runs[b], cfg, results_dir, kind == "same-model", dataset.directory)
                                                     for a, b, kind in plan], is_compared,
                                      progress_board(results_dir, [f"{a} vs {b}" for a, b, _ in plan], progress))
+        splits_plan = split_plan(list(runs), seed_names, cfg)
+        levels = engine.map_cached(split_features, [(runs[a], runs[b], cfg, results_dir) for a, b in splits_plan], is_split,
+                                   progress_board(results_dir, [f"{a} into {b}" for a, b in splits_plan], progress)
+                                   ) if splits_plan else []
+    splits: dict[str, list[splitting.SplitLevel]] = {}
+    for (a, _), level in zip(splits_plan, levels):
+        splits.setdefault(model_name(a), []).append(level)
     by_kind: dict[tuple[str, int | None], list[PairResult]] = {}  # (kind, the size in the names) -> its pairs
     for pair, (a, _, kind) in zip(compared, plan):
         by_kind.setdefault((kind, size_of(a)), []).append(pair)
@@ -615,8 +677,9 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
         if named is not None:
             stats = summarize(size_pairs[size], size_replicate_pairs[size], None, seed_names, cfg)
             summary.update({f"{summary_prefix(named)}{key}": value for key, value in stats.items()})
+    summary.update(summarize_splits(splits, cfg))
     return RunResult(cfg, dataset, models, saes, acts, size_pairs[primary], size_replicate_pairs[primary], randomized,
-                     summary, size_pairs, size_replicate_pairs)
+                     summary, size_pairs, size_replicate_pairs, splits)
 
 
 def progress_board(results_dir: Path, labels: list[str], progress: bool) -> Board | None:
@@ -698,7 +761,7 @@ def describe(result: RunResult) -> str:
         lines.append(f"{p.run_a} vs {p.run_b} (same model): median max corr features {p.stats['features.max_corr_median']:.3f} | "
                      f"decoder cosine, one-to-one {p.stats['decoder.cos_hungarian_median']:.3f}")
     lines += headline(result.summary, len(result.pairs), len(result.replicate_pairs), result.randomized)
-    lines += size_lines(result)
+    lines += size_lines(result) + split_lines(result)
     lines.append(f"results in {result.dataset.directory.parent.parent.parent}")
     return "\n".join(lines)
 
@@ -715,6 +778,21 @@ def size_lines(result: RunResult) -> list[str]:
             "features.max_corr_median_mean", "ceiling.features.max_corr_median_mean", "ceiling_ratio.features.max_corr_median")]
         shown = ("–" if np.isnan(v) else f"{v:.3f}" for v in values)
         lines.append(f"  {size:>8,} features{' (primary)' if size == primary else '':<10} " + " | ".join(shown))
+    return lines
+
+
+def split_lines(result: RunResult) -> list[str]:
+    """A dictionary family's feature splitting between consecutive sizes (none for one size)."""
+    pairs = [(level.size_a, level.size_b) for level in next(iter(result.splits.values()), [])]
+    if not pairs:
+        return []
+    lines = [f"feature splitting: the smaller dictionary's features (mean over models) whose children in the next size "
+             f"(activation correlation > {splitting.CHILD_MIN_CORR}) are one above {splitting.PERSIST_MIN_CORR} (persist), "
+             "two or more (split), one below it (shift), none (vanish)"]
+    for size_a, size_b in pairs:
+        prefix = f"splits.{size_a}_to_{size_b}."
+        shown = " | ".join(f"{c} {result.summary.get(f'{prefix}frac_{c}_mean', float('nan')):.2f}" for c in splitting.CLASSES)
+        lines.append(f"  {size_a:>8,} -> {size_b:<8,} {shown}")
     return lines
 
 

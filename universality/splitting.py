@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -171,13 +171,16 @@ def top_families(levels: Sequence[SplitLevel], n: int) -> list[int]:
     return [root for *_, root in sorted(scored)[:n]]
 
 
-def splits_table(model: str, levels: Sequence[SplitLevel]) -> pd.DataFrame:
-    """Every (parent, child) edge of one model across its size pairs, with the model and both sizes."""
-    frames = [level.edges.assign(model=model, size_a=level.size_a, size_b=level.size_b) for level in levels]
-    columns = {"model": "string", "size_a": "int64", "feature_a": "int64", "size_b": "int64", "feature_b": "int64",
-               "corr": "float64", "cos": "float64"}
-    frame = pd.concat(frames) if frames else pd.DataFrame({c: [] for c in columns})
-    return frame[list(columns)].astype(columns).reset_index(drop=True)
+SPLIT_COLUMNS: dict[str, str] = {"model": "string", "size_a": "int64", "feature_a": "int64", "size_b": "int64",
+                                 "feature_b": "int64", "corr": "float64", "cos": "float64"}
+
+
+def splits_table(splits: Mapping[str, Sequence[SplitLevel]]) -> pd.DataFrame:
+    """Every (parent, child) edge of every model (``splits``: model name -> its levels) across its size pairs."""
+    frames = [level.edges.assign(model=model, size_a=level.size_a, size_b=level.size_b)
+              for model, levels in splits.items() for level in levels]
+    frame = pd.concat(frames) if frames else pd.DataFrame({c: [] for c in SPLIT_COLUMNS})
+    return frame[list(SPLIT_COLUMNS)].astype(SPLIT_COLUMNS).reset_index(drop=True)
 
 
 # ---- saved in a cache stage -----------------------------------------------------------------
