@@ -47,6 +47,7 @@ def stage_seconds(result: pipeline.RunResult) -> float:
     folders = {result.dataset.directory, *(m.directory for m in result.models.values()),
                *(folder for s in result.saes.values() for folder in (s.directory, s.evaluation, s.own_neurons.directory)),
                *(a.directory for a in result.activations.values()),
+               *(p.directory for pairs in [*result.size_pairs.values(), *result.size_replicate_pairs.values()] for p in pairs),
                *(p.directory for p in [*result.pairs, *result.replicate_pairs, result.randomized] if p is not None)}
     return sum(cache.build_seconds(folder) for folder in folders if folder is not None)
 
