@@ -204,4 +204,6 @@ def test_dict_sizes_is_a_grid_axis(tiny_cfg):
         ((64, 128), 128, "relu"), ((64, 128), 128, "topk"), ((128, 256), 256, "relu"), ((128, 256), 256, "topk")]
     with pytest.raises(ConfigError, match=r"grid point sae.dict_sizes=\[4,128\]: sae.k \(8\) must be in"):
         grid.grid_points(tiny_cfg.replace(sae={"arch": "topk"}), grid.parse_grid(["sae.dict_sizes=[4,128]"]))
+    with pytest.raises(ConfigError, match=r"^grid point sae.dict_size=64: sae.dict_size is the largest of sae.dict_sizes"):
+        grid.grid_points(tiny_cfg.replace(sae={"dict_sizes": [128, 256]}), grid.parse_grid(["sae.dict_size=64,128"]))
     assert load_preset("tiny").sae.sizes == (256,)

@@ -161,6 +161,9 @@ def grid_points(base: ExperimentConfig, axes: Sequence[Axis]) -> list[Point]:
             sections.setdefault(axis.section, {})[axis.field] = value
         try:
             cfg = base.replace(**sections)
+            if "sae.dict_size" in values and cfg.sae.dict_sizes:
+                raise ConfigError(f"sae.dict_size is the largest of sae.dict_sizes {list(cfg.sae.dict_sizes)}: "
+                                  "grid over sae.dict_sizes instead")
         except ConfigError as exc:
             raise ConfigError(f"grid point {Point(values, base).label}: {exc}") from None
         points.append(Point(values, cfg))
