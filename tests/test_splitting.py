@@ -3,6 +3,8 @@ level against brute force, and a planted hierarchy that two SAEs of consecutive 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -205,3 +207,72 @@ def test_a_family_run_splits_each_model_between_consecutive_sizes_and_a_single_s
     assert "feature splitting" in pipeline.describe(result) and "64 -> 128" in pipeline.describe(result)
     again = run_fast(results, [0], family)  # cached: the same level
     pd.testing.assert_frame_equal(again.splits["seed0"][0].edges, level.edges)
+
+
+def test_the_split_tree_figure_and_report_section():
+    from universality import split_report
+
+    levels = chain_levels()
+    nodes, edges = split_report._tree_layout(levels, 0)
+    assert nodes == [[0], [0, 1], [0, 2, 3, 4]] and len(edges) == 6
+    figure = split_report.tree_figure("seed0", levels)
+    assert figure.name == split_report.FIGURE_FILE and figure.png.startswith(b"\x89PNG")
+    summary = {"splits.2_to_3.frac_split_mean": 0.5, "splits.3_to_5.frac_persist_mean": 0.25}
+    section = split_report.split_section(summary, [(2, 3), (3, 5)], figure)
+    assert section.count("<tr>") == 3 and "2 → 3" in section and "0.50" in section and "data:image/png" in section
+    persisting = dataclasses.replace(levels[0], edges=levels[0].edges[levels[0].edges.feature_a == 1])
+    assert top_families([persisting], 4) == [] and split_report.tree_figure("seed0", [persisting]).png.startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_a_tracked_family_run_exports_its_splits_and_shows_a_feature_of_any_size(tmp_path, tracked_tiny):
+    import json
+
+    from click.testing import CliRunner
+    from fast_pipeline import fast_cfg
+    from mlflow import MlflowClient
+
+    from universality import tracking
+    from universality.cli import main
+
+    config = tmp_path / "fast.json"
+    config.write_text(json.dumps(fast_cfg().to_dict()))
+    results = tmp_path / "results"
+    run = CliRunner().invoke(main, ["run", "--config", str(config), "--seeds", "2", "--jobs", "1", "--device", "cpu",
+                                    "--results-dir", str(results), "--dict-sizes", "64,128", "--sae-replicates", "0"])
+    assert run.exit_code == 0, run.output
+    assert "feature splitting" in run.output and "64 -> 128" in run.output
+
+    client = MlflowClient(tracking.embedded_uri(results))
+    parent = tracking.find_run(client, "latest")
+    assert {f"splits/64_to_128_frac_{c}_mean" for c in ("persist", "split", "shift", "vanish")} <= set(parent.data.metrics)
+    report = open(client.download_artifacts(parent.info.run_id, "report/report.html", str(tmp_path))).read()
+    assert "Feature splitting between dictionary sizes" in report
+    assert "report/split_trees.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+
+    out = CliRunner().invoke(main, ["export", "latest", "--out", str(tmp_path / "m.csv"), "--results-dir", str(results)])
+    assert out.exit_code == 0, out.output
+    splits = pd.read_csv(tmp_path / "m.splits.csv")
+    assert list(splits.columns) == ["model", "size_a", "feature_a", "size_b", "feature_b", "corr", "cos"]
+    assert set(splits.model) == {"seed0", "seed1"} and (splits.size_a == 64).all() and (splits["corr"] > 0.4).all()
+    assert "split edges" in out.output
+
+    parent_row = splits[splits.model == "seed0"].iloc[0]
+    shown = CliRunner().invoke(main, ["features", "latest", "0", str(parent_row.feature_a), "--size", "64",
+                                      "--results-dir", str(results)])
+    assert shown.exit_code == 0, shown.output
+    assert "(64-feature SAE)" in shown.output and "only the primary size" in shown.output
+    assert f"128-feature SAE, feature {parent_row.feature_b}: corr {parent_row['corr']:.3f}" in shown.output
+    child = CliRunner().invoke(main, ["features", "latest", "0", str(parent_row.feature_b), "--results-dir", str(results)])
+    assert child.exit_code == 0 and f"64-feature SAE, feature {parent_row.feature_a}" in child.output
+    assert "best partners" in child.output and "only the primary size" not in child.output
+
+    bad = CliRunner().invoke(main, ["features", "latest", "0", "0", "--size", "100", "--results-dir", str(results)])
+    assert bad.exit_code == 1 and bad.output.strip().endswith("has no 100-feature SAE (its sizes: 64, 128)")
+    assert len(bad.output.strip().splitlines()) == 1
+
+    single, _ = tracked_tiny  # one size: no splits table, no lineage
+    out = CliRunner().invoke(main, ["export", "latest", "--out", str(tmp_path / "s.csv"), "--results-dir", str(single)])
+    assert out.exit_code == 0 and not (tmp_path / "s.splits.csv").exists() and "split edges" not in out.output
+    bad = CliRunner().invoke(main, ["features", "latest", "0", "0", "--size", "64", "--results-dir", str(single)])
+    assert bad.exit_code == 1 and "has no 64-feature SAE (its sizes: 256)" in bad.output

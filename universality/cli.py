@@ -263,8 +263,8 @@ def ui(port, host, experiment, results_dir) -> None:
 @click.argument("run_id", metavar="[RUN]", default="latest")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default="csv", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Matched feature table; the families table is written beside it (OUT with .families before the suffix). "
-                   "For a sweep: its summary table.")
+              help="Matched feature table; the families table is written beside it (OUT with .families before the suffix), "
+                   "and for a dictionary family the feature-splitting table (.splits). For a sweep: its summary table.")
 @RESULTS_DIR
 @TRACKING_URI
 def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
@@ -283,29 +283,110 @@ def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
         click.echo(f"sweep {run.info.run_id}: {len(table)} grid points -> {out}")
         return
     matched, families = tracking.load_tables(client, run.info.run_id)
+    splits = tracking.load_splits(client, run.info.run_id)
     written = export_tables.write_tables(matched, families, out, fmt)
-    click.echo(f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}")
+    message = f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}"
+    if splits is not None:  # a dictionary family: the parent -> child edges between its sizes
+        export_tables.write_table(splits, export_tables.beside(out, "splits"), fmt)
+        message += f", {len(splits)} split edges -> {export_tables.beside(out, 'splits')}"
+    click.echo(message)
 
 
 @main.command()
 @click.argument("run_id", metavar="RUN")
 @click.argument("seed", type=click.IntRange(min=0))
 @click.argument("feature", type=click.IntRange(min=0))
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="The feature's dictionary size, for a run that fitted several (sae.dict_sizes): the card then shows its "
+                   "parents and children in the next smaller and larger sizes. Default: the primary (largest) size.")
 @RESULTS_DIR
 @TRACKING_URI
-def features(run_id, seed, feature, results_dir, tracking_uri) -> None:
-    """Show one SAE feature of a univ run (RUN: run id or 'latest'): density, top contexts, logit effects, partners."""
+def features(run_id, seed, feature, size, results_dir, tracking_uri) -> None:
+    """Show one SAE feature of a univ run (RUN: run id or 'latest'): density, top contexts, logit effects, partners;
+    in a dictionary family, its parents and children."""
+    import dataclasses
+
     from universality import tracking
-    from universality.feature_cards import render_terminal
+    from universality.feature_cards import lineage, render_terminal
 
     client = tracking.open_client(results_dir, tracking_uri, read_only=True)
     run = tracking.find_run(client, run_id)
-    sources = tracking.seed_sources(client, run, seed, results_dir)
+    sizes = tracking.run_sizes(run)
+    if size is not None and size not in sizes:
+        raise UnivError(f"run {run.info.run_id} has no {size}-feature SAE (its sizes: {', '.join(map(str, sizes))})")
+    sources = tracking.seed_sources(client, run, seed, results_dir, size)
     n_features = sources.densities.size
     if feature >= n_features:
         raise UnivError(f"feature {feature} is out of range: seed {seed} has {n_features} features (0..{n_features - 1})")
     matched, _ = tracking.load_tables(client, run.info.run_id)
-    click.echo(render_terminal(sources.card(feature, matched)))
+    card = sources.card(feature, matched if size in (None, sizes[-1]) else matched.iloc[:0])
+    splits = tracking.load_splits(client, run.info.run_id) if len(sizes) > 1 else None
+    if splits is not None:
+        card = dataclasses.replace(card, lineage=lineage(splits, seed, size or sizes[-1], feature, size in (None, sizes[-1])))
+    click.echo(render_terminal(card))
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, not {value}")
+    return value
+
+
+@main.command()
+@click.argument("run_id", metavar="RUN")
+@click.argument("seed", type=click.IntRange(min=0))
+@click.argument("feature", type=click.IntRange(min=0))
+@click.option("--ablate", "intervention", flag_value="ablate", default=True,
+              help="Subtract the feature from the MLP neurons on the held-out tokens; report the change in next-token loss (default).")
+@click.option("--pin", "intervention", flag_value="pin", help="Clamp the feature at every position and sample a continuation of --prompt.")
+@click.option("--prompt", default="1, 2, 3, 4, 5, 6, 7, 8, 9, 10", show_default=True, help="The text --pin continues.")
+@click.option("--tokens", "n_tokens", type=click.IntRange(min=1), default=24, show_default=True, help="Tokens --pin samples.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, callback=_finite, show_default=True,
+              help="Sampling temperature of --pin (0: greedy).")
+@click.option("--sample-seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of --pin's sampling; the unsteered sample beside it uses the same.")
+@click.option("--value", type=float, default=None, callback=_finite,
+              help="Pin at this value (partners: at the same multiple of their own max activation).")
+@click.option("--scale", type=float, default=None, callback=_finite,
+              help="Pin at this multiple of the feature's max activation on the held-out tokens (default 1).")
+@click.option("--across-seeds", is_flag=True, help="Also intervene on the feature's partner in every other seed, side by side.")
+@click.option("--log", "log_run", is_flag=True, help="Add the result to the run in MLflow (a child run of kind steer).")
+@RESULTS_DIR
+@TRACKING_URI
+def steer(run_id, seed, feature, intervention, prompt, n_tokens, temperature, sample_seed, value, scale, across_seeds,
+          log_run, results_dir, tracking_uri) -> None:
+    """Ablate or pin one SAE feature of a univ run (RUN: run id or 'latest') and show what it does; with
+    --across-seeds, beside its matched partners in the other seeds."""
+    if value is not None and scale is not None:
+        raise click.UsageError("give --value or --scale, not both")
+    from universality import steer_report, tracking
+    from universality.feature_cards import partners, vocab_strings
+    from universality.tokenization import load_tokenizer
+
+    client = tracking.open_client(results_dir, tracking_uri, read_only=True)
+    run = tracking.find_run(client, run_id)
+    folders = tracking.seed_folders(client, run, seed, results_dir)
+    tokenizer = load_tokenizer(folders[0] / "tokenizer.json")
+    prompt_L = steer_report.prompt_tokens(tokenizer, prompt) if intervention == "pin" else None
+    members = [steer_report.load_member(folders, seed, feature)]
+    if across_seeds:
+        matched, _ = tracking.load_tables(client, run.info.run_id)
+        members += [steer_report.load_member(tracking.seed_folders(client, run, p.seed, results_dir), p.seed, p.feature, p)
+                    for p in partners(matched, seed, feature)]
+    if intervention == "ablate":
+        result = steer_report.ablate(members, steer_report.load_tokens(folders[0], run.data.params, vocab_strings(tokenizer)))
+    else:
+        settings = steer_report.PinSettings(prompt, n_tokens, temperature, sample_seed, value, 1.0 if scale is None else scale)
+        result = steer_report.pin(members, tokenizer, prompt_L, settings)
+    click.echo(result.text)
+    if across_seeds and len(members) == 1:
+        click.echo(f"no partners: seed {seed}'s feature {feature} has no included partner in another seed")
+    if log_run:
+        tracker = tracking.Tracker(tracking.open_client(results_dir, tracking_uri), run.info.experiment_id, run.info.run_id,
+                                   results_dir)
+        click.echo(f"logged as MLflow run {steer_report.log(tracker, result)} under run {run.info.run_id}")
 
 
 @main.group()

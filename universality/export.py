@@ -196,10 +196,15 @@ def run_sources(result) -> dict[str, RunSources]:
     }
 
 
+def beside(path: Path, table: str) -> Path:
+    """Where another ``table`` goes beside ``path``: ``out.csv`` -> ``out.<table>.csv``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{table}{path.suffix}")
+
+
 def families_path(path: Path) -> Path:
     """Where the families table goes beside ``path``: ``out.csv`` -> ``out.families.csv``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.families{path.suffix}")
+    return beside(path, "families")
 
 
 def _write_json(frame: pd.DataFrame, path: Path) -> None:
