@@ -4,18 +4,28 @@ planted cases of the issue, pinned sampling's determinism, and the cross-seed co
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from click.testing import CliRunner
+from fast_pipeline import fast_cfg, run_fast
+from mlflow import MlflowClient
 from scipy.spatial.distance import jensenshannon
+from test_hardening import assert_one_line_error, univ
 
 from models.transformer import OneLayerTransformer, TransformerConfig
+from sae.checkpoint import save_sae
 from sae.registry import build_sae
-from universality import steering
+from universality import export, pipeline, reports, steering, tracking
+from universality.activations import TOP_POSITIONS, TOP_VALUES
+from universality.cli import main
 from universality.config import SAEConfig
+from universality.errors import UnivError
 from universality.matching import match
+from universality.steer_report import N_AFFECTED, load_member
 
 CTX, SKIP = 12, 1
 
@@ -199,10 +209,6 @@ def test_scored_rows_and_positions_line_up_with_the_contexts():
 
 @pytest.mark.slow
 def test_a_run_with_causal_top_n_reports_causal_universality_per_pair_and_in_the_export(tmp_path):
-    from fast_pipeline import fast_cfg, run_fast
-
-    from universality import export, pipeline, reports
-
     cfg = fast_cfg().replace(compare={"causal_top_n": 4})
     result = run_fast(tmp_path / "results", [0, 1], cfg)
     for pair in [*result.pairs, *result.replicate_pairs]:
@@ -227,3 +233,84 @@ def test_a_run_with_causal_top_n_reports_causal_universality_per_pair_and_in_the
     assert forward.notna().sum() == backward.notna().sum() == len(top_a)
     again = run_fast(tmp_path / "results", [0, 1], cfg)  # cached: the same numbers come back from disk
     np.testing.assert_array_equal(again.pairs[0].random_effect_corr, pair.random_effect_corr)
+
+
+def best_mutual_pair(client, parent) -> tuple[int, int]:
+    """Seed 0's feature with the highest activation correlation among its mutual matches in seed 1, and that partner."""
+    matched, _ = tracking.load_tables(client, parent.info.run_id)
+    rows = matched[(matched.seed_a == 0) & (matched.seed_b == 1) & matched.mutual & ~matched.same_model]
+    best = rows.sort_values("corr", ascending=False).iloc[0]
+    return int(best.feature_a), int(best.feature_b)
+
+
+@pytest.mark.slow
+def test_steer_ablate_across_seeds_prints_both_seeds_and_logs_a_child_run(tracked_tiny, tmp_path):
+    results, _ = tracked_tiny
+    client = MlflowClient(tracking.embedded_uri(results))
+    parent = tracking.find_run(client, "latest")
+    feature, partner = best_mutual_pair(client, parent)
+    out = CliRunner().invoke(main, ["steer", "latest", "0", str(feature), "--ablate", "--across-seeds", "--log",
+                                    "--results-dir", str(results)])
+    assert out.exit_code == 0, out.output
+    assert f"seed0 feature {feature}" in out.output and f"seed1 feature {partner}" in out.output
+    assert "effect corr" in out.output and len(re.findall(r"^ +[+-][0-9.]+  .*⟦", out.output, re.M)) == N_AFFECTED
+    steers = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.`{tracking.KIND}` = 'steer' and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))
+    assert len(steers) == 1 and steers[0].info.status == "FINISHED"
+    run = steers[0]
+    assert run.data.params["intervention"] == "ablate" and run.data.params["feature"] == str(feature)
+    assert run.data.metrics["seed0/effect_corr"] == pytest.approx(1.0)
+    assert -1 <= run.data.metrics["seed1/effect_corr"] <= 1
+    assert {"steer/steer.txt", "steer/ablation.png"} <= {a.path for a in client.list_artifacts(run.info.run_id, "steer")}
+    text = open(client.download_artifacts(run.info.run_id, "steer/steer.txt", str(tmp_path))).read()
+    assert f"seed1 feature {partner}" in text and "\x1b[" not in text
+
+
+@pytest.mark.slow
+def test_steer_pin_samples_steered_beside_unsteered_with_the_same_seed(tracked_tiny):
+    results, _ = tracked_tiny
+    args = ["steer", "latest", "1", "3", "--pin", "--prompt", "def f(x):", "--tokens", "8", "--scale", "4",
+            "--sample-seed", "5", "--results-dir", str(results)]
+    first, again = (CliRunner().invoke(main, args) for _ in range(2))
+    assert first.exit_code == 0, first.output
+    assert first.output == again.output  # the same seed: the same samples
+    assert "unsteered:" in first.output and "steered:" in first.output and "Jensen–Shannon" in first.output
+    assert "pin seed1 feature 3" in first.output and "4 x its max activation" in first.output
+
+
+@pytest.mark.slow
+def test_steer_bad_inputs_are_one_line_errors_and_write_nothing_to_mlflow(tracked_tiny):
+    results, _ = tracked_tiny
+    client = MlflowClient(tracking.embedded_uri(results))
+    exp = client.get_experiment_by_name("univ").experiment_id
+    before = len(client.search_runs([exp]))
+    cases = [
+        (("0123abc", 0, 0), 1, "unknown run id"),
+        (("latest", 7, 0), 1, "no seed 7"),
+        (("latest", 0, 256), 1, "out of range"),
+        (("latest", 0, 0, "--pin", "--prompt", ""), 1, "tokenizes to nothing"),
+        (("latest", 0, 0, "--pin", "--tokens", 0), 2, "--tokens"),
+        (("latest", 0, 0, "--pin", "--value", "nan"), 2, "--value"),
+        (("latest", 0, 0, "--pin", "--scale", "inf"), 2, "--scale"),
+        (("latest", 0, 0, "--pin", "--temperature", "-1"), 2, "--temperature"),
+        (("latest", 0, 0, "--pin", "--value", 1, "--scale", 2), 2, "not both"),
+    ]
+    for args, status, message in cases:
+        assert_one_line_error(univ("steer", *args, "--log", "--results-dir", results), message, status=status)
+    assert len(client.search_runs([exp])) == before
+
+
+def test_a_dead_feature_is_a_one_line_error(tmp_path):
+    """A feature that never fires on the comparison tokens has nothing to ablate and no max to pin at."""
+    sae = tiny_sae(24, 8, 6, torch.float32)
+    folders = [tmp_path / name for name in ("data", "model", "sae", "acts")]  # no model: it is loaded last
+    save_sae(sae, sae.cfg, folders[2])
+    folders[3].mkdir()
+    top = np.ones((8, 3), np.float32)
+    top[5] = 0
+    np.save(folders[3] / TOP_VALUES, top)
+    np.save(folders[3] / TOP_POSITIONS, np.zeros((8, 3), np.int64))
+    with pytest.raises(UnivError, match="feature 5 of seed 0 is dead"):
+        load_member(folders, 0, 5)
+    with pytest.raises(UnivError, match="out of range"):
+        load_member(folders, 0, 8)
