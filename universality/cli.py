@@ -263,8 +263,8 @@ def ui(port, host, experiment, results_dir) -> None:
 @click.argument("run_id", metavar="[RUN]", default="latest")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default="csv", show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Matched feature table; the families table is written beside it (OUT with .families before the suffix). "
-                   "For a sweep: its summary table.")
+              help="Matched feature table; the families table is written beside it (OUT with .families before the suffix), "
+                   "and for a dictionary family the feature-splitting table (.splits). For a sweep: its summary table.")
 @RESULTS_DIR
 @TRACKING_URI
 def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
@@ -283,29 +283,47 @@ def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
         click.echo(f"sweep {run.info.run_id}: {len(table)} grid points -> {out}")
         return
     matched, families = tracking.load_tables(client, run.info.run_id)
+    splits = tracking.load_splits(client, run.info.run_id)
     written = export_tables.write_tables(matched, families, out, fmt)
-    click.echo(f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}")
+    message = f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}"
+    if splits is not None:  # a dictionary family: the parent -> child edges between its sizes
+        export_tables.write_table(splits, export_tables.beside(out, "splits"), fmt)
+        message += f", {len(splits)} split edges -> {export_tables.beside(out, 'splits')}"
+    click.echo(message)
 
 
 @main.command()
 @click.argument("run_id", metavar="RUN")
 @click.argument("seed", type=click.IntRange(min=0))
 @click.argument("feature", type=click.IntRange(min=0))
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="The feature's dictionary size, for a run that fitted several (sae.dict_sizes): the card then shows its "
+                   "parents and children in the next smaller and larger sizes. Default: the primary (largest) size.")
 @RESULTS_DIR
 @TRACKING_URI
-def features(run_id, seed, feature, results_dir, tracking_uri) -> None:
-    """Show one SAE feature of a univ run (RUN: run id or 'latest'): density, top contexts, logit effects, partners."""
+def features(run_id, seed, feature, size, results_dir, tracking_uri) -> None:
+    """Show one SAE feature of a univ run (RUN: run id or 'latest'): density, top contexts, logit effects, partners;
+    in a dictionary family, its parents and children."""
+    import dataclasses
+
     from universality import tracking
-    from universality.feature_cards import render_terminal
+    from universality.feature_cards import lineage, render_terminal
 
     client = tracking.open_client(results_dir, tracking_uri, read_only=True)
     run = tracking.find_run(client, run_id)
-    sources = tracking.seed_sources(client, run, seed, results_dir)
+    sizes = tracking.run_sizes(run)
+    if size is not None and size not in sizes:
+        raise UnivError(f"run {run.info.run_id} has no {size}-feature SAE (its sizes: {', '.join(map(str, sizes))})")
+    sources = tracking.seed_sources(client, run, seed, results_dir, size)
     n_features = sources.densities.size
     if feature >= n_features:
         raise UnivError(f"feature {feature} is out of range: seed {seed} has {n_features} features (0..{n_features - 1})")
     matched, _ = tracking.load_tables(client, run.info.run_id)
-    click.echo(render_terminal(sources.card(feature, matched)))
+    card = sources.card(feature, matched if size in (None, sizes[-1]) else matched.iloc[:0])
+    splits = tracking.load_splits(client, run.info.run_id) if len(sizes) > 1 else None
+    if splits is not None:
+        card = dataclasses.replace(card, lineage=lineage(splits, seed, size or sizes[-1], feature, size in (None, sizes[-1])))
+    click.echo(render_terminal(card))
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:

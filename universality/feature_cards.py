@@ -41,6 +41,26 @@ class Partner:
 
 
 @dataclass(frozen=True)
+class Relative:
+    """A parent (in the next smaller dictionary) or child (in the next larger) of a feature of the same model."""
+
+    size: int  # its dictionary's size
+    feature: int
+    corr: float  # activation correlation on the comparison tokens
+    cos: float  # cosine of the two decoder vectors
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a feature sits in its model's dictionary family (``universality.splitting``)."""
+
+    size: int  # the feature's dictionary size
+    primary: bool  # the run's primary size: the only one whose features are matched across seeds in the tables
+    parents: list[Relative]
+    children: list[Relative]
+
+
+@dataclass(frozen=True)
 class FeatureCard:
     seed: int
     feature: int
@@ -50,6 +70,7 @@ class FeatureCard:
     suppressed: list[tuple[str, float]]
     partners: list[Partner]
     position: int | None = None  # set: every top activation sits at this position of its context (a position feature)
+    lineage: Lineage | None = None  # set for a dictionary family's features: its parents and children
 
 
 @dataclass(frozen=True)
@@ -180,18 +201,43 @@ def example_line(ex: Example, value_format: str = "8.3f") -> str:
     return f"  {ex.value:{value_format}}  {visible(ex.left)}{token}{visible(ex.right)}"
 
 
+def lineage(splits: pd.DataFrame, seed: int, size: int, feature: int, primary: bool) -> Lineage:
+    """``seed``'s ``feature`` of ``size`` features among its model's other sizes, from the splits table
+    (``splitting.SPLIT_COLUMNS``): its parents and children, most correlated first."""
+    rows = splits[splits.model == f"seed{seed}"].sort_values("corr", ascending=False, kind="stable")
+    parents = rows[(rows.size_b == size) & (rows.feature_b == feature)]
+    children = rows[(rows.size_a == size) & (rows.feature_a == feature)]
+    return Lineage(size, primary,
+                   [Relative(int(r.size_a), int(r.feature_a), float(r.corr), float(r.cos)) for r in parents.itertuples()],
+                   [Relative(int(r.size_b), int(r.feature_b), float(r.corr), float(r.cos)) for r in children.itertuples()])
+
+
+def _lineage_lines(family: Lineage) -> list[str]:
+    """A family member's parents and children; cross-seed partners only exist at the primary size."""
+    lines = [] if family.primary else ["best partners: only the primary size's features are matched across seeds"]
+    for label, relatives in (("parents (next smaller dictionary)", family.parents),
+                             ("children (next larger dictionary)", family.children)):
+        lines.append(f"{label}:" if relatives else f"{label}: none")
+        lines.extend(f"  {r.size:,}-feature SAE, feature {r.feature}: corr {r.corr:.3f}, decoder cosine {r.cos:.3f}"
+                     for r in relatives)
+    return lines
+
+
 def render_terminal(card: FeatureCard) -> str:
     """The card as terminal text, the activating token highlighted with ANSI styles."""
-    lines = [click.style(f"seed{card.seed} feature {card.feature}", bold=True) + f"  density {card.density:.3g}",
+    size = "" if card.lineage is None else f" ({card.lineage.size:,}-feature SAE)"
+    lines = [click.style(f"seed{card.seed} feature {card.feature}{size}", bold=True) + f"  density {card.density:.3g}",
              *([click.style(f"position feature: every top activation is at position {card.position} of its context",
                             fg="red")] if card.position is not None else []),
              "top activating contexts:"]
     lines.extend(example_line(ex) for ex in card.examples)
     for label, pairs in (("promotes", card.promoted), ("suppresses", card.suppressed)):
         lines.append(f"{label}: " + ", ".join(f"{visible(t)!r} {w:+.2f}" for t, w in pairs))
-    lines.append("best partners:" if card.partners else "best partners: none (no included partner)")
-    lines.extend(f"  seed{p.seed} feature {p.feature}: corr {p.corr:.3f}{' (mutual)' if p.mutual else ''}"
-                 for p in card.partners)
+    if card.lineage is None or card.lineage.primary:
+        lines.append("best partners:" if card.partners else "best partners: none (no included partner)")
+        lines.extend(f"  seed{p.seed} feature {p.feature}: corr {p.corr:.3f}{' (mutual)' if p.mutual else ''}"
+                     for p in card.partners)
+    lines += [] if card.lineage is None else _lineage_lines(card.lineage)
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ the open runs FAILED, Ctrl-C marks them KILLED; every ``univ run`` makes a new p
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import os
@@ -35,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
-from universality import by_size, export, reports
+from universality import by_size, export, reports, split_report, splitting
 from universality.config import ExperimentConfig
 from universality.errors import UnivError, first_line
 from universality.feature_cards import RunSources, load_run_sources, vocab_strings
@@ -142,6 +143,7 @@ HEADLINE_NAMES = {  # internal key -> its name in the headline section
 }
 SECTION_RULES = (  # (pattern in an internal key, its section); the first match wins, else the key's first part
     (re.compile(r"^own_neurons\."), "own_neurons"),  # features vs their own model's neurons, thresholds and counts too
+    (re.compile(r"^splits\."), "splits"),  # feature splitting between dictionary sizes, its counts too
     (re.compile(r"^families\.|frac_features_partnered"), "families"),
     (re.compile(r"(^|\.)frac_(\w+_)?above_"), "thresholds"),
     (re.compile(r"(^|\.)n_"), "counts"),
@@ -268,6 +270,7 @@ class Tracker:
         self._log_other_sizes(result, folder / "pairs")
         self._log_tables(matched, families, folder / "tables")
         sizes_html = self._log_size_table(result, folder) if len(result.cfg.sae.sizes) > 1 else ""
+        sizes_html += self._log_splits(result, folder) if result.splits else ""
         if result.pairs:
             self.client.log_artifacts(self.run_id, str(reports.write_run_report(
                 result.pairs, result.replicate_pairs, result.randomized, result.summary, matched, sources,
@@ -340,14 +343,28 @@ class Tracker:
         parent run; returns the run report's section."""
         table = by_size.size_table(result)
         figure = by_size.size_figure(table)
+        self._log_table_and_figure(table, by_size.TABLE_FILE, figure, folder)
+        return by_size.size_section(table, figure)
+
+    def _log_table_and_figure(self, table: pd.DataFrame, name: str, figure: reports.Figure, folder: Path) -> None:
+        """A table of the parent run as ``tables/<name>.parquet`` and ``.csv``, and a figure in ``report/``, written
+        under ``folder`` and logged."""
         tables, report = folder / "tables", folder / "report"
         for path in (tables, report):
             path.mkdir(parents=True, exist_ok=True)
         for fmt in ("parquet", "csv"):
-            export.write_table(table, tables / f"{by_size.TABLE_FILE}.{fmt}", fmt)
-            self.client.log_artifact(self.run_id, str(tables / f"{by_size.TABLE_FILE}.{fmt}"), "tables")
+            export.write_table(table, tables / f"{name}.{fmt}", fmt)
+            self.client.log_artifact(self.run_id, str(tables / f"{name}.{fmt}"), "tables")
         self.client.log_artifact(self.run_id, str(reports.write_figure(figure, report)), "report")
-        return by_size.size_section(table, figure)
+
+    def _log_splits(self, result, folder: Path) -> str:
+        """A dictionary family's feature splitting: every parent -> child edge in ``tables/``, the split trees of the
+        first model's largest families in ``report/``; returns the run report's section."""
+        table = splitting.splits_table(result.splits)
+        model, levels = next(iter(result.splits.items()))
+        figure = split_report.tree_figure(model, levels)
+        self._log_table_and_figure(table, split_report.TABLE_FILE, figure, folder)
+        return split_report.split_section(result.summary, [(level.size_a, level.size_b) for level in levels], figure)
 
     def _log_pair(self, pair, kind: str, folder: Path, tags: Mapping[str, str] | None = None) -> None:
         run_id = self.child(_pair_name(pair), kind, {"univ.run_a": pair.run_a, "univ.run_b": pair.run_b, **(tags or {})})
@@ -454,6 +471,15 @@ def load_tables(client: MlflowClient, run_id: str) -> tuple[pd.DataFrame, pd.Dat
             raise UnivError(f"run {run_id}'s tables have no column {exc}: an older univ wrote them; run it again") from None
 
 
+def load_splits(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
+    """The feature-splitting table of a dictionary-family run (``splitting.SPLIT_COLUMNS``); None for one size."""
+    artifact = f"tables/{split_report.TABLE_FILE}.parquet"
+    if artifact not in {a.path for a in client.list_artifacts(run_id, "tables")}:
+        return None
+    with downloaded(client, run_id, {"splits": artifact}, "feature-splitting table") as paths:
+        return export.read_table(paths["splits"], "parquet", splitting.SPLIT_COLUMNS)
+
+
 @contextlib.contextmanager
 def downloaded(client: MlflowClient, run_id: str, artifacts: Mapping[str, str], what: str) -> Iterator[dict[str, str]]:
     """name -> local path of each of a run's ``artifacts`` (name -> artifact path), in a temporary folder
@@ -474,23 +500,33 @@ def stage_folder(recorded: str, results_dir: Path) -> Path:
     return path if path.is_absolute() else Path(results_dir) / "cache" / path.parent.name / path.name
 
 
-def seed_sources(client: MlflowClient, parent, seed: int, results_dir: Path) -> RunSources:
-    """A seed's card sources, from the stage folders its child run recorded (they must be on this machine)."""
+def seed_sources(client: MlflowClient, parent, seed: int, results_dir: Path, size: int | None = None) -> RunSources:
+    """A seed's card sources, from the stage folders its child run recorded (they must be on this machine);
+    ``size``: of its SAE of that dictionary size (a family run), default the primary one."""
     from universality.tokenization import load_tokenizer
 
-    folders = seed_folders(client, parent, seed, results_dir)
+    folders = seed_folders(client, parent, seed, results_dir, size)
     params = parent.data.params
     return load_run_sources(seed, *folders, int(params["data.ctx_len"]), int(params["compare.tokens"]),
                             int(params["compare.context_tokens"]), vocab_strings(load_tokenizer(folders[0] / "tokenizer.json")))
 
 
-def seed_folders(client: MlflowClient, parent, seed: int, results_dir: Path) -> list[Path]:
+def run_sizes(parent) -> tuple[int, ...]:
+    """The dictionary sizes of a univ run, ascending (one, the primary, unless it fitted a family)."""
+    params = parent.data.params
+    return tuple(ast.literal_eval(params.get("sae.dict_sizes", "()"))) or (int(params["sae.dict_size"]),)
+
+
+def seed_folders(client: MlflowClient, parent, seed: int, results_dir: Path, size: int | None = None) -> list[Path]:
     """The data, model, SAE and activations stage folders of a univ run's seed, as its child run recorded them
-    (they must be on this machine)."""
+    (they must be on this machine); ``size``: its SAE of that dictionary size, default the primary one."""
     parent_id = parent.info.run_id
-    children = client.search_runs(
+    sized = "" if size is None else f" and tags.`univ.dict_size` = '{size}'"
+    kinds = ("seed",) if size is None else ("seed", "sae-size")  # the primary size's SAE is the seed's own run
+    children = [run for run in client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`{KIND}` = 'seed' and tags.`univ.seed` = '{seed}'")
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`univ.seed` = '{seed}'{sized}")
+        if run.data.tags.get(KIND) in kinds]
     if not children:
         raise UnivError(f"run {parent_id} has no seed {seed} (its seeds: {parent.data.params.get('seeds')})")
     tags = children[0].data.tags
