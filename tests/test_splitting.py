@@ -14,7 +14,7 @@ from sae.training import train_sae
 from universality.config import SAEConfig
 from universality.correlation import pearson_reference
 from universality.similarity import decoder_cosines
-from universality.splitting import (EXCLUDED, SplitLevel, classify, compare_sizes, descendants, level_statistics,
+from universality.splitting import (EXCLUDED, SplitLevel, classify, compare_sizes, descendants, forest, level_statistics,
                                     load_level, save_level, split_edges, splits_table, top_families)
 
 
@@ -79,6 +79,17 @@ def test_tree_across_sizes_follows_children_to_grandchildren():
     assert descendants(levels, 1)[1].feature_b.tolist() == [1]  # 1 -> 2 -> 1: persists twice
     assert top_families(levels, 5) == [0]  # only feature 0's tree splits
     assert levels[1].parents(2).feature_a.tolist() == [1] and levels[0].children(0).feature_b.tolist() == [0, 1]
+
+
+def test_the_forest_keeps_each_child_under_its_most_correlated_parent():
+    """A dense feature correlating with its neighbour's children must not claim them in the drawn trees."""
+    edges = pd.DataFrame([(0, 0, 0.5), (0, 1, 0.45), (0, 2, 0.9), (1, 0, 0.7), (1, 1, 0.8)],
+                         columns=["feature_a", "feature_b", "corr"]).assign(cos=0.0)
+    level = SplitLevel(2, 3, edges, np.ones(2, bool), np.ones(3, bool), np.full(2, 0.1), np.full(3, 0.1))
+    [kept] = forest([level])
+    assert kept.edges[["feature_a", "feature_b"]].values.tolist() == [[0, 2], [1, 1], [1, 0]]
+    assert top_families([level], 2) == [0, 1] and top_families([kept], 2) == [1]  # 0 only persists in the forest
+    assert level.classes().tolist() == ["split", "split"]  # classes still count every child
 
 
 def test_splits_table_has_the_documented_columns():

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from universality.reports import Figure, render
-from universality.splitting import CHILD_MIN_CORR, CLASSES, PERSIST_MIN_CORR, SplitLevel, descendants, top_families
+from universality.splitting import (CHILD_MIN_CORR, CLASSES, PERSIST_MIN_CORR, SplitLevel, descendants, forest,
+                                    top_families)
 
 FIGURE_FILE = "split_trees.png"
 TABLE_FILE = "splits"  # .parquet / .csv: splitting.splits_table
@@ -44,13 +45,14 @@ def _tree_layout(levels: Sequence[SplitLevel], root: int) -> tuple[list[list[int
 
 def tree_figure(model: str, levels: Sequence[SplitLevel], n: int = N_FAMILIES) -> Figure:
     """The split trees of ``model``'s ``n`` largest families: a panel per family, a row per dictionary size
-    (smallest on top), a node per feature (coloured by its class against the next size), an edge per
-    parent -> child (line width by correlation)."""
+    (smallest on top), a node per feature (coloured by its class against the next size), an edge from each
+    child's most correlated parent (line width by correlation)."""
+    classes = [level.classes() for level in levels]  # of every edge; the trees keep each child's strongest parent
+    levels = forest(levels)
     roots = top_families(levels, n)
-    title = f"{model}: split trees of the largest families"
+    title = f"{model}: split trees of the largest families (each child under its most correlated parent)"
     fig, axes = plt.subplots(1, max(1, len(roots)), figsize=(3.4 * max(1, len(roots)), 1.3 + 1.1 * len(levels)), squeeze=False)
     sizes = [levels[0].size_a, *(level.size_b for level in levels)]
-    classes = [level.classes() for level in levels]
     for ax, root in zip(axes[0], roots):
         nodes, edges = _tree_layout(levels, root)
         xs = [np.linspace(0, 1, len(gen) + 2)[1:-1] for gen in nodes]

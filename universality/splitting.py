@@ -32,6 +32,7 @@ merge), so a root's tree is its set of descendants, level by level.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +159,21 @@ def descendants(levels: Sequence[SplitLevel], root: int) -> list[pd.DataFrame]:
     return tree
 
 
+def forest(levels: Sequence[SplitLevel]) -> list[SplitLevel]:
+    """The levels with each child kept under its most correlated parent only: the trees drawn and ranked in
+    reports, where a dense feature that correlates with many children must not claim them all."""
+    kept = []
+    for level in levels:
+        edges = level.edges.loc[level.edges.groupby("feature_b")["corr"].idxmax()] if len(level.edges) else level.edges
+        edges = edges.sort_values(["feature_a", "corr"], ascending=[True, False], kind="stable").reset_index(drop=True)
+        kept.append(dataclasses.replace(level, edges=edges))
+    return kept
+
+
 def top_families(levels: Sequence[SplitLevel], n: int) -> list[int]:
-    """The ``n`` features of the smallest dictionary with the largest trees: most descendants at the
-    largest size, then most edges, then the strongest first edge; only features that split somewhere."""
+    """The ``n`` features of the smallest dictionary with the largest trees in ``levels`` (pass ``forest(levels)``
+    for trees in which every child has one parent): most descendants at the largest size, then most edges, then
+    the strongest first edge; only features that split somewhere."""
     scored = []
     for root in np.unique(levels[0].edges.feature_a.to_numpy()) if levels else []:
         tree = descendants(levels, int(root))
