@@ -42,7 +42,7 @@ from universality.errors import UnivError, first_line
 from universality.feature_cards import RunSources, load_run_sources, vocab_strings
 from universality.run_names import size_of
 
-KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair
+KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair | steer (univ steer --log)
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PARAMS_PER_BATCH = 100
 TABLES = {"matched": "tables/matched_features.parquet", "families": "tables/matched_features.families.parquet"}
