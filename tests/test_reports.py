@@ -71,7 +71,7 @@ def test_run_and_pair_reports_are_self_contained(tracked_tiny):
     pair = folder / "pairs" / "seed0-vs-seed1"
     assert {p.name for p in pair.iterdir()} == {"universality.png", "density_vs_corr.png", "logit_vs_activation.png",
                                                  "top_block.png", "report.html"}
-    for page, n_figures in ((pair / "report.html", 4), (folder / "report" / "report.html", 1)):
+    for page, n_figures in ((pair / "report.html", 4), (folder / "report" / "report.html", 2)):  # run: pooled, own neurons
         text = page.read_text()
         images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
         assert len(images) == n_figures and all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
