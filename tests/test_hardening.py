@@ -111,6 +111,14 @@ def test_integral_floats_in_a_config_are_integers(tmp_path):
     assert type(cfg.sae.samples) is int and type(cfg.train.steps) is int  # range() and cache keys see ints
 
 
+@pytest.mark.parametrize("name", ["medium", "long"])
+def test_a_preset_on_another_preset_changes_only_its_own_fields(name):
+    """medium and long are quick with more SAE samples: everything else (and later edits to quick) carries over."""
+    quick, preset = load_preset("quick"), load_preset(name)
+    assert preset.sae.samples > quick.sae.samples
+    assert preset.to_dict() == quick.replace(sae={"samples": preset.sae.samples}).to_dict() | {"name": name}
+
+
 def test_mlflow_problems_are_one_line_errors(tmp_path):
     from mlflow import MlflowClient
 

@@ -304,8 +304,9 @@ def load_preset(name: str) -> ExperimentConfig:
     """A named preset from ``experiments/`` (shipped as package data, so it works installed)."""
     if name not in preset_names():
         raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(preset_names())})")
-    text = resources.files("experiments").joinpath(f"{name}.toml").read_text()
-    return from_dict({"name": name, **tomllib.loads(text)})
+    raw = tomllib.loads(resources.files("experiments").joinpath(f"{name}.toml").read_text())
+    base = raw.pop("preset", None)  # a preset may be another preset with a few fields changed
+    return from_dict({**_merge(load_preset(base).to_dict() if base else {}, raw), "name": name})
 
 
 def load_config(path: Path, base: ExperimentConfig | None = None) -> ExperimentConfig:
