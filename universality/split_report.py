@@ -18,6 +18,7 @@ FIGURE_FILE = "split_trees.png"
 TABLE_FILE = "splits"  # .parquet / .csv: splitting.splits_table
 N_FAMILIES = 4  # trees drawn in the report
 MAX_NODES = 16  # nodes drawn per generation of one tree (the strongest edges first)
+CROWDED = 8  # a generation with more nodes than this gets upright labels
 STATISTICS = (("features", "n_parents", "{:.0f}"), *((c, f"frac_{c}", "{:.2f}") for c in CLASSES),
               ("children per split", "children_per_split_mean", "{:.2f}"),
               ("child density / parent's", "child_density_ratio_median", "{:.2f}"),
@@ -62,9 +63,11 @@ def tree_figure(model: str, levels: Sequence[SplitLevel], n: int = N_FAMILIES) -
         for depth, generation in enumerate(nodes):
             colors = [CLASS_COLORS.get(classes[depth][f], "white") if depth < len(classes) else "white" for f in generation]
             ax.scatter(xs[depth], [-depth] * len(generation), s=160, c=colors, edgecolors="k", zorder=3)
+            crowded = len(generation) > CROWDED  # labels turned upright so they do not run into each other
             for x, feature in zip(xs[depth], generation):
-                ax.annotate(str(feature), (x, -depth), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=7)
-        ax.set(title=f"feature {root} of {sizes[0]:,}", xlim=(0, 1), ylim=(-len(levels) - 0.5, 0.6), xticks=[])
+                ax.annotate(str(feature), (x, -depth), xytext=(0, 9), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7, rotation=90 if crowded else 0)
+        ax.set(title=f"feature {root} of {sizes[0]:,}", xlim=(0, 1), ylim=(-len(levels) - 0.5, 0.75), xticks=[])
         ax.set_yticks([-d for d in range(len(sizes))], [f"{s:,}" for s in sizes])
     axes[0, 0].set_ylabel("dictionary size")
     if not roots:
