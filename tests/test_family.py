@@ -191,8 +191,10 @@ def test_the_by_size_figure_draws_a_line_per_architecture_and_the_paper_point():
     table = by_size.combined([pd.DataFrame(rows[:3]), pd.DataFrame(rows[3:])])
     figure = by_size.size_figure(table)
     assert figure.name == by_size.FIGURE_FILE and figure.png.startswith(b"\x89PNG")
+    table.loc[0, ["across_ci_low", "across_ci_high"]] = (0.25, 0.35)
     section = by_size.size_section(table, figure)
     assert section.count("<tr>") == 7 and "0.350" in section and "data:image/png" in section
+    assert "<th>same model (ceiling)</th>" in section and "0.300 [0.250, 0.350]" in section and "2,048 (primary)" in section
 
 
 def test_dict_sizes_is_a_grid_axis(tiny_cfg):

@@ -87,15 +87,28 @@ def size_figure(table: pd.DataFrame, title: str = "universality by dictionary si
     return render(fig, FIGURE_FILE, title)
 
 
+def _interval(low: float, high: float) -> str:
+    return "" if np.isnan(low) else f" [{low:.3f}, {high:.3f}]"
+
+
+def size_rows(table: pd.DataFrame) -> list[dict[str, str]]:
+    """The table as a reader sees it: one formatted row per line and size, the interval beside its value."""
+    number = lambda value, spec: "–" if np.isnan(value) else format(value, spec)  # noqa: E731
+    return [{"SAE": row.label,
+             "features": f"{row.dict_size:,}" + (" (primary)" if row.primary else ""),
+             "across models": number(row.across_models, ".3f") + _interval(row.across_ci_low, row.across_ci_high),
+             "same model (ceiling)": number(row.ceiling, ".3f"),
+             "across / ceiling": number(row.across_over_ceiling, ".3f"),
+             "pairs (across, same)": f"{number(row.n_pairs, '.0f')}, {number(row.n_ceiling_pairs, '.0f')}",
+             "L0": number(row.l0, ".1f"), "FVU": number(row.fvu, ".3f"), "dead": number(row.dead_fraction, ".1%")}
+            for row in table.itertuples()]
+
+
 def size_section(table: pd.DataFrame, figure: Figure) -> str:
     """The table and figure as an HTML section of a report."""
-    fmt = {column: "{:.3f}" for column in (*STATISTICS, *SAE_METRICS)} | {"n_pairs": "{:.0f}", "n_ceiling_pairs": "{:.0f}",
-                                                                        "dead_fraction": "{:.1%}", "l0": "{:.1f}"}
-    cell = lambda column, value: "–" if isinstance(value, float) and np.isnan(value) else (  # noqa: E731
-        fmt[column].format(value) if column in fmt else html.escape(str(value)))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(c, row[c])}</td>" for c in table.columns) + "</tr>"
-                   for _, row in table.iterrows())
+    rows = size_rows(table)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in (rows[0] if rows else {}))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
     return ("<h2>Universality by dictionary size</h2>"
             f"<table><tr>{head}</tr>{body}</table><p>Across models: median max activation correlation of SAE features "
             "between seeds' SAEs of the same size (mean over pairs; interval: bootstrap over seeds). Ceiling: the same "
