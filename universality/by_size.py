@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from universality.reports import PAPER_MEDIAN_MAX_CORR, Figure, render  # noqa: E402
+from universality.reports import PAPER_MEDIAN_MAX_CORR, Figure, number, render  # noqa: E402
 from universality.run_names import summary_prefix  # noqa: E402
 
 PAPER_A1_SIZE = 4096  # Towards Monosemanticity's A/1, whose cross-seed median is PAPER_MEDIAN_MAX_CORR["features"]
@@ -87,20 +87,16 @@ def size_figure(table: pd.DataFrame, title: str = "universality by dictionary si
     return render(fig, FIGURE_FILE, title)
 
 
-def _interval(low: float, high: float) -> str:
-    return "" if np.isnan(low) else f" [{low:.3f}, {high:.3f}]"
-
-
 def size_rows(table: pd.DataFrame) -> list[dict[str, str]]:
     """The table as a reader sees it: one formatted row per line and size, the interval beside its value."""
-    number = lambda value, spec: "–" if np.isnan(value) else format(value, spec)  # noqa: E731
     return [{"SAE": row.label,
              "features": f"{row.dict_size:,}" + (" (primary)" if row.primary else ""),
-             "across models": number(row.across_models, ".3f") + _interval(row.across_ci_low, row.across_ci_high),
-             "same model (ceiling)": number(row.ceiling, ".3f"),
-             "across / ceiling": number(row.across_over_ceiling, ".3f"),
+             "across models": number(row.across_models) + (
+                 "" if np.isnan(row.across_ci_low) else f" [{number(row.across_ci_low)}, {number(row.across_ci_high)}]"),
+             "same model (ceiling)": number(row.ceiling),
+             "across / ceiling": number(row.across_over_ceiling),
              "pairs (across, same)": f"{number(row.n_pairs, '.0f')}, {number(row.n_ceiling_pairs, '.0f')}",
-             "L0": number(row.l0, ".1f"), "FVU": number(row.fvu, ".3f"), "dead": number(row.dead_fraction, ".1%")}
+             "L0": number(row.l0, ".1f"), "FVU": number(row.fvu), "dead": number(row.dead_fraction, ".1%")}
             for row in table.itertuples()]
 
 

@@ -60,6 +60,11 @@ class Figure:
                 f"<figcaption>{html.escape(self.caption)}</figcaption></figure>")
 
 
+def number(value: float | None, spec: str = ".3f") -> str:
+    """A statistic as a report shows it: ``spec``-formatted, or "–" where it is missing (None, NaN) or not finite."""
+    return "–" if value is None or not np.isfinite(value) else format(value, spec)
+
+
 def render(fig: plt.Figure, name: str, caption: str) -> Figure:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -327,14 +332,13 @@ CEILING_ROWS = (("SAE features, across models", "features.max_corr_median"),
 def _ceiling_table(summary: Mapping[str, float], n_pairs: int, n_replicate_pairs: int, randomized: PairResult | None) -> str:
     """Median max activation correlation across models beside the same-model ceiling, their ratio and the
     baselines, each with its interval: what a cross-model number can be trusted to say."""
-    fmt = lambda v: "–" if v is None or not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
     rows = [(label, summary.get(f"{key}_mean"), summary.get(f"{key}_ci_low"), summary.get(f"{key}_ci_high"))
             for label, key in CEILING_ROWS]
     rows.append(("across models / ceiling", summary.get("ceiling_ratio.features.max_corr_median"), None, None))
     if randomized is not None:
         rows.append(("SAE features, weight-shuffled models (control)", randomized.stats["features.max_corr_median"], None, None))
-    body = "".join(f"<tr><td>{label}</td><td>{fmt(mean)}</td><td>{fmt(low)} – {fmt(high)}</td></tr>"
-                   if low is not None else f"<tr><td>{label}</td><td>{fmt(mean)}</td><td></td></tr>"
+    body = "".join(f"<tr><td>{label}</td><td>{number(mean)}</td><td>{number(low)} – {number(high)}</td></tr>"
+                   if low is not None else f"<tr><td>{label}</td><td>{number(mean)}</td><td></td></tr>"
                    for label, mean, low, high in rows)
     return (f"<table><tr><th>median max activation correlation</th><th>mean over pairs</th><th>95% interval</th></tr>{body}"
             f"</table><p>Across models: {n_pairs} pair(s) of seeds. Ceiling: {n_replicate_pairs} pair(s) of SAEs trained on "

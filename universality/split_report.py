@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from universality.reports import Figure, render
+from universality.reports import Figure, number, render
 from universality.splitting import (CHILD_MIN_CORR, CLASSES, PERSIST_MIN_CORR, SplitLevel, descendants, forest,
                                     top_families)
 
@@ -19,11 +19,11 @@ TABLE_FILE = "splits"  # .parquet / .csv: splitting.splits_table
 N_FAMILIES = 4  # trees drawn in the report
 MAX_NODES = 16  # nodes drawn per generation of one tree (the strongest edges first)
 CROWDED = 8  # a generation with more nodes than this gets upright labels
-STATISTICS = (("features", "n_parents", "{:.0f}"), *((c, f"frac_{c}", "{:.2f}") for c in CLASSES),
-              ("children per split", "children_per_split_mean", "{:.2f}"),
-              ("child density / parent's", "child_density_ratio_median", "{:.2f}"),
-              ("children's densities summed / parent's", "children_density_sum_ratio_median", "{:.2f}"),
-              ("decoder cosine, persisting", "persist_decoder_cos_median", "{:.3f}"))
+STATISTICS = (("features", "n_parents", ".0f"), *((c, f"frac_{c}", ".2f") for c in CLASSES),
+              ("children per split", "children_per_split_mean", ".2f"),
+              ("child density / parent's", "child_density_ratio_median", ".2f"),
+              ("children's densities summed / parent's", "children_density_sum_ratio_median", ".2f"),
+              ("decoder cosine, persisting", "persist_decoder_cos_median", ".3f"))
 CLASS_COLORS = {"persist": "tab:green", "split": "tab:blue", "shift": "tab:orange", "vanish": "tab:gray"}
 
 
@@ -83,10 +83,9 @@ def tree_figure(model: str, levels: Sequence[SplitLevel], n: int = N_FAMILIES) -
 
 def split_section(summary: Mapping[str, float], size_pairs: Sequence[tuple[int, int]], figure: Figure) -> str:
     """The fractions and densities per consecutive size pair (mean over models) and the trees, as HTML."""
-    fmt = lambda value, spec: "–" if value is None or not np.isfinite(value) else spec.format(value)  # noqa: E731
     head = "".join(f"<th>{html.escape(label)}</th>" for label, _, _ in STATISTICS)
     body = "".join(f"<tr><td>{a:,} → {b:,}</td>" + "".join(
-        f"<td>{fmt(summary.get(f'splits.{a}_to_{b}.{key}_mean'), spec)}</td>" for _, key, spec in STATISTICS) + "</tr>"
+        f"<td>{number(summary.get(f'splits.{a}_to_{b}.{key}_mean'), spec)}</td>" for _, key, spec in STATISTICS) + "</tr>"
         for a, b in size_pairs)
     return ("<h2>Feature splitting between dictionary sizes</h2>"
             f"<table><tr><th>sizes</th>{head}</tr>{body}</table><p>Each included feature of the smaller dictionary (mean "

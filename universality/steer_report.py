@@ -90,10 +90,6 @@ def load_tokens(data_dir: Path, params: dict[str, str], vocab: list[str]) -> Tok
     return Tokens(contexts, int(params["compare.skip_first_positions"]), vocab, int(params["compare.context_tokens"]))
 
 
-def _fmt(value: float, spec: str = ".3f") -> str:
-    return "–" if value is None or not np.isfinite(value) else format(value, spec)
-
-
 def ablate(members: list[Member], tokens: Tokens) -> SteerResult:
     """The paper's ablation of each member's feature on the held-out tokens, each effect compared with the first's."""
     subjects = [steering.subject(m.model, m.sae, m.acts.features(), tokens.contexts_CT, tokens.skip) for m in members]
@@ -107,8 +103,8 @@ def ablate(members: list[Member], tokens: Tokens) -> SteerResult:
         corr = "" if math.isnan(m.corr) else f"{m.corr:.3f}{'*' if m.mutual else ' '}"
         effect_corr, overlap = steering.effect_correlation(first, effect), steering.top_overlap(first, effect, OVERLAP_TOKENS)
         fires = f"{effect.rows.size:,} ({effect.rows.size / n:.2%})"
-        lines.append(f"  {m.label:<20}{corr:>9}{fires:>18}{_fmt(effect.loss_change(), '+.4f'):>13}"
-                     f"{_fmt(effect_corr):>13}{_fmt(overlap, '.2f'):>16}")
+        lines.append(f"  {m.label:<20}{corr:>9}{fires:>18}{reports.number(effect.loss_change(), '+.4f'):>13}"
+                     f"{reports.number(effect_corr):>13}{reports.number(overlap, '.2f'):>16}")
         metrics |= {f"seed{m.seed}.n_firing": effect.rows.size, f"seed{m.seed}.loss_change_firing": effect.loss_change(),
                     f"seed{m.seed}.effect_corr": effect_corr, f"seed{m.seed}.top_overlap": overlap}
     lines += ["  act corr: activation correlation with the first feature (* mutual match); loss change: mean change in",
