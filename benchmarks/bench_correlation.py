@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from universality.correlation import StreamingCorrelation, to_csr
+from universality.measures.correlation import StreamingCorrelation, to_csr
 
 N_FEATURES = 4096
 CHUNK = 8192

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from universality import cache, pipeline
-from universality.config import load_config, load_preset
+from universality.outputs.terminal import describe
+from universality.runtime import cache
+from universality import pipeline
+from universality.core.config import load_config, load_preset
 
 
 def main() -> None:
@@ -34,7 +36,7 @@ def main() -> None:
     start = time.perf_counter()
     result = pipeline.run(cfg, list(range(args.seeds)), results, device="auto", progress=False)
     wall = time.perf_counter() - start
-    print(pipeline.describe(result))
+    print(describe(result))
     for entry in cache.entries(results):
         print(f"{entry.stage:12s} {entry.label:40s} {entry.seconds:8.1f} s  {entry.size / 2**20:9.1f} MiB")
     for name, sae in result.saes.items():

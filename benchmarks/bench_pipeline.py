@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from universality import cache
+from universality.runtime import cache
 
 CACHED_LIMIT_S = 10.0
 

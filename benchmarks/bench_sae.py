@@ -29,7 +29,7 @@ from sae.base import SAE
 from sae.constrained_adam import ConstrainedAdam
 from sae.registry import build_sae
 from sae.training import resolve_precision, train_sae
-from universality.config import SAEConfig
+from universality.core.config import SAEConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REPEATS = 3  # each timing is the best of this many (the machine may be shared)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from models.transformer import OneLayerTransformer, TransformerConfig, cross_entropy
-from universality import checkpoint
-from universality.config import TrainConfig
-from universality.errors import TrainingDiverged
-from universality.progress import bar as progress_bar
+from universality.runtime import resume
+from universality.core.config import TrainConfig
+from universality.core.errors import TrainingDiverged
+from universality.runtime.progress import bar as progress_bar
 
 
 @dataclass
@@ -117,19 +117,19 @@ def train_transformer(
 
 
 def save_checkpoint(directory: Path, model, optimizer, step: int, history: list[dict]) -> None:
-    """Model and optimizer state, step and history, checksummed (``universality.checkpoint``)."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | checkpoint.optimizer_tensors(optimizer)
-    checkpoint.save(directory, tensors, {"step": step, "history": history})
+    """Model and optimizer state, step and history, checksummed (``universality.runtime.resume``)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | resume.optimizer_tensors(optimizer)
+    resume.save(directory, tensors, {"step": step, "history": history})
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
     """Restore the last checkpoint in ``directory``; (0, []) when there is none or it is damaged."""
-    saved = checkpoint.load(directory)
+    saved = resume.load(directory)
     if saved is None:
         return 0, []
     tensors, state = saved
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    checkpoint.load_optimizer_tensors(optimizer, tensors)
+    resume.load_optimizer_tensors(optimizer, tensors)
     scheduler.last_epoch = state["step"]
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[0](state["step"])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from universality.errors import DataError
+from universality.core.errors import DataError
 
 _CHECK_ROWS = 65_536  # rows per chunk when scanning a .npy file for NaN/inf
 

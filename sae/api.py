@@ -13,8 +13,8 @@ from sae.activations import array_chunks, load_npy_activations, shuffled_batches
 from sae.checkpoint import save_sae
 from sae.evaluation import evaluate_sae
 from sae.training import train_sae
-from universality.config import SAEConfig
-from universality.orchestration import resolve_device
+from universality.core.config import SAEConfig
+from universality.runtime.engine import resolve_device
 
 HELDOUT_FRACTION = 0.1  # tail of the rows kept out of training, for the metrics
 MAX_HELDOUT_ROWS = 100_000

@@ -18,7 +18,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from universality.config import SAEConfig
+from universality.core.config import SAEConfig
 
 
 class SAEOutput(NamedTuple):

@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from sae.base import SAE
 from sae.registry import build_sae
 from sae.training import TrainedSAE
-from universality.atomic import atomic_path, write_text
-from universality.config import SAEConfig
-from universality.errors import ConfigError, DataError
+from universality.runtime.atomic import atomic_path, write_text
+from universality.core.config import SAEConfig
+from universality.core.errors import ConfigError, DataError
 
 CFG_FILE, WEIGHTS_FILE, METRICS_FILE, COMPLETE_MARKER = "cfg.json", "sae_weights.safetensors", "metrics.json", "COMPLETE"
 SNAPSHOT_FILE = "snapshot.safetensors"  # the SAE part-way through training (TrainedSAE.snapshot), for the convergence diagnostic

@@ -11,12 +11,12 @@ from torch import Tensor
 
 from models.transformer import cross_entropy
 from sae.base import SAE
-from universality.comparison import compare
-from universality.config import CompareConfig
-from universality.correlation import to_csr
-from universality.errors import DataError
-from universality.similarity import decoder_statistics
-from universality.statistics import ULTRALOW_DENSITY  # the paper's cut: rarer than 1 in a million
+from universality.measures.comparison import compare
+from universality.core.config import CompareConfig
+from universality.measures.correlation import to_csr
+from universality.core.errors import DataError
+from universality.measures.similarity import decoder_statistics
+from universality.measures.statistics import ULTRALOW_DENSITY  # the paper's cut: rarer than 1 in a million
 
 DENSE_DENSITY = 0.1  # fires on more than 10% of tokens: λ is probably too low
 

@@ -7,8 +7,8 @@ import torch
 from sae.base import SAE
 from sae.relu import ReLUSAE
 from sae.topk import TopKSAE
-from universality.config import SAEConfig
-from universality.errors import ConfigError
+from universality.core.config import SAEConfig
+from universality.core.errors import ConfigError
 
 SAE_CLASSES: dict[str, type[SAE]] = {
     ReLUSAE.arch: ReLUSAE,

@@ -26,10 +26,10 @@ from sae.constrained_adam import ConstrainedAdam
 from sae.geometric_median import geometric_median
 from sae.registry import build_sae
 from sae.resampling import resample_dead
-from universality import checkpoint
-from universality.config import SAEConfig
-from universality.errors import DataError, TrainingDiverged
-from universality.progress import bar as progress_bar
+from universality.runtime import resume
+from universality.core.config import SAEConfig
+from universality.core.errors import DataError, TrainingDiverged
+from universality.runtime.progress import bar as progress_bar
 
 INIT_SAMPLES = 16_384  # rows that set the input scale and the geometric-median b_dec
 LOG_POINTS = 100  # history rows per run (about every 1% of steps)
@@ -234,21 +234,21 @@ class _Progress:
 
     def save(self, directory: Path, step: int) -> None:
         tensors = {f"sae.{k}": v for k, v in self.trained.sae.state_dict().items()}
-        tensors |= checkpoint.optimizer_tensors(self.optimizer)
+        tensors |= resume.optimizer_tensors(self.optimizer)
         tensors |= {"generator": self.generator.get_state(), "last_fired_F": self.firing.last_fired_F,
                     "counts_2F": self.firing.counts_2F, "sums": self.sums}
         tensors |= {f"snapshot.{k}": v for k, v in (self.trained.snapshot or {}).items()}
-        checkpoint.save(directory, tensors, {"step": step, "consumed": self.consumed, "history": self.trained.history,
+        resume.save(directory, tensors, {"step": step, "consumed": self.consumed, "history": self.trained.history,
                                              "resampling_events": self.trained.resampling_events})
 
     def resume(self, directory: Path) -> int:
         """Restore the last checkpoint in ``directory``; returns its step (0 when there is none)."""
-        saved = checkpoint.load(directory)
+        saved = resume.load(directory)
         if saved is None:
             return 0
         tensors, state = saved
         self.trained.sae.load_state_dict(_prefixed(tensors, "sae."))
-        checkpoint.load_optimizer_tensors(self.optimizer, tensors)
+        resume.load_optimizer_tensors(self.optimizer, tensors)
         self.generator.set_state(tensors["generator"])
         self.firing.last_fired_F.copy_(tensors["last_fired_F"])
         self.firing.counts_2F.copy_(tensors["counts_2F"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from universality.config import load_preset
+from universality.core.config import load_preset
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def one_thread():
 @pytest.fixture()
 def text_corpus(tmp_path: Path) -> Path:
     """A small folder corpus of real Python source (a few stdlib modules)."""
-    from universality.corpus import stdlib_files
+    from universality.text.corpus import stdlib_files
 
     folder = tmp_path / "corpus"
     folder.mkdir()

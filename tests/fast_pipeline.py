@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from universality import pipeline
-from universality.config import ExperimentConfig, load_preset
-from universality.orchestration import Engine
+from universality.core.config import ExperimentConfig, load_preset
+from universality.runtime.engine import Engine
 
 
 def fast_cfg() -> ExperimentConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from universality.activations import StreamingTopK
+from universality.analysis.heldout import StreamingTopK
 
 
 def test_streaming_topk_equals_brute_force():

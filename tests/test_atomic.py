@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from universality.atomic import atomic_path, write_text
+from universality.runtime.atomic import atomic_path, write_text
 
 
 def test_write_appears_whole_with_umask_permissions(tmp_path):

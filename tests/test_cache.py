@@ -13,7 +13,12 @@ import torch
 from click.testing import CliRunner
 from fast_pipeline import fast_cfg, run_fast, stage_checksums
 
-from universality import cache, checkpoint, pipeline
+from universality.runtime import cache, resume
+from universality.stages import data as data_stage
+from universality.stages import evaluation as evaluation_stage
+from universality.stages import model as model_stage
+from universality.stages import pair as pair_stage
+from universality.stages import sae as sae_stage
 from universality.cli import main
 
 
@@ -32,21 +37,25 @@ def results(base_results, tmp_path) -> Path:
     return copy
 
 
+STAGE_OF = {"train_tokenizer": data_stage, "train_transformer": model_stage, "train_sae": sae_stage,
+            "evaluate_sae": evaluation_stage, "compare_runs": pair_stage}  # the work each stage module calls
+
+
 def forbid(monkeypatch, *names: str) -> None:
-    """Make pipeline's training/comparison functions fail if called: proves a stage was cached."""
+    """Make the stages' training/comparison functions fail if called: proves a stage was cached."""
     def fail(*args, **kwargs):
         raise AssertionError("a cached stage was recomputed")
     for name in names:
-        monkeypatch.setattr(pipeline, name, fail)
+        monkeypatch.setattr(STAGE_OF[name], name, fail)
 
 
 def record_calls(monkeypatch, name: str) -> list:
-    """Let pipeline's ``name`` run, remembering its arguments."""
-    calls, real = [], getattr(pipeline, name)
+    """Let the stage's ``name`` run, remembering its arguments."""
+    calls, real = [], getattr(STAGE_OF[name], name)
     def recording(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
-    monkeypatch.setattr(pipeline, name, recording)
+    monkeypatch.setattr(STAGE_OF[name], name, recording)
     return calls
 
 
@@ -109,16 +118,16 @@ def test_verified_hashes_are_reused_only_for_files_older_than_a_timestamp_tick(t
 
 
 def test_damaged_training_checkpoint_is_ignored(tmp_path):
-    checkpoint.save(tmp_path, {"w": torch.ones(4)}, {"step": 3})
-    tensors, state = checkpoint.load(tmp_path)
+    resume.save(tmp_path, {"w": torch.ones(4)}, {"step": 3})
+    tensors, state = resume.load(tmp_path)
     assert state == {"step": 3} and torch.equal(tensors["w"], torch.ones(4))
-    path = tmp_path / checkpoint.TENSORS
+    path = tmp_path / resume.TENSORS
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert checkpoint.load(tmp_path) is None
+        assert resume.load(tmp_path) is None
     assert "damaged" in str(caught[0].message)
 
 

@@ -16,12 +16,12 @@ from mlflow import MlflowClient
 
 from sae.evaluation import convergence
 from sae.training import train_sae
-from universality import tracking
-from universality.activations import single_position, token_positions
-from universality.run_names import model_name, replica_name, replicate_of
-from universality.comparison import compare
-from universality.config import CompareConfig, SAEConfig
-from universality.correlation import to_csr
+from universality.tracking import lookups, names, store
+from universality.analysis.heldout import single_position, token_positions
+from universality.core.run_names import model_name, replica_name, replicate_of
+from universality.measures.comparison import compare
+from universality.core.config import CompareConfig, SAEConfig
+from universality.measures.correlation import to_csr
 
 N_SHARED, N_PRIVATE, D = 40, 24, 32
 UNIV = [sys.executable, "-c", "from universality.cli import main; main()"]  # the CLI in its own process
@@ -116,11 +116,11 @@ def test_a_run_reports_its_ceiling_everywhere(tracked_tiny, tmp_path):
     ratio = re.search(r"across models / ceiling\s+([0-9.]+)", output)
     assert ceiling and across and ratio
     assert float(ratio.group(1)) == pytest.approx(float(across.group(1)) / float(ceiling.group(1)), abs=2e-3)
-    client = MlflowClient(tracking.embedded_uri(results))
-    parent = tracking.find_run(client, "latest")
+    client = MlflowClient(store.embedded_uri(results))
+    parent = lookups.find_run(client, "latest")
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    kinds = {r.info.run_name: r.data.tags[tracking.KIND] for r in children}
+    kinds = {r.info.run_name: r.data.tags[names.KIND] for r in children}
     assert kinds["seed0-sae1"] == "sae-replicate" and kinds["seed0-vs-seed0-sae1"] == "replicate-pair"
     pair = next(r for r in children if r.info.run_name == "seed0-vs-seed0-sae1")
     assert "report/report.html" in {a.path for a in client.list_artifacts(pair.info.run_id, "report")}

@@ -13,7 +13,9 @@ import torch
 from click.testing import CliRunner
 from fast_pipeline import fast_cfg, run_fast
 
-from universality import tracking
+from universality.publish import publish
+from universality.tracking import names, store
+from universality.tracking.tracker import tracked_run
 from universality.cli import main
 
 CONTROLS = ("shuffled-seed0-1", "shuffled-seed0-2")
@@ -27,9 +29,9 @@ def control_run(tmp_path_factory):
     cfg = fast_cfg().replace(compare={"randomized_baseline": True}, sae={"replicates": 0})
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(base)
-        with tracking.tracked_run(Path("results"), None, "univ", cfg, [0, 1]) as tracker:
+        with tracked_run(Path("results"), None, "univ", cfg, [0, 1]) as tracker:
             result = run_fast(Path("results"), [0, 1], cfg)
-            tracker.log_result(result)
+            publish(tracker, result)
     return base / "results", result, tracker.run_id
 
 
@@ -60,18 +62,18 @@ def test_control_pair_and_its_statistics(control_run):
 @pytest.mark.slow
 def test_control_is_tracked_with_its_own_runs_and_report(control_run):
     results, result, run_id = control_run
-    client = tracking.open_client(results, None, read_only=True)
+    client = store.open_client(results, None, read_only=True)
     children = client.search_runs([client.get_run(run_id).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
-    kinds = {r.info.run_name: r.data.tags[tracking.KIND] for r in children}
+    kinds = {r.info.run_name: r.data.tags[names.KIND] for r in children}
     assert {name: kinds.get(name) for name in CONTROLS} == dict.fromkeys(CONTROLS, "control-model")
     pair_name = f"{CONTROLS[0]}-vs-{CONTROLS[1]}"
     assert kinds[pair_name] == "randomized-pair"
     pair = next(r for r in children if r.info.run_name == pair_name)
-    expected = {m.key: m.value for m in tracking.metrics_from(result.randomized.stats)}
+    expected = {m.key: m.value for m in names.metrics_from(result.randomized.stats)}
     assert expected and {k: pair.data.metrics.get(k) for k in expected} == pytest.approx(expected, nan_ok=True)
     parent_metrics = client.get_run(run_id).data.metrics
-    assert parent_metrics[tracking.metric_name("randomized.features.max_corr_median")] == pytest.approx(
+    assert parent_metrics[names.metric_name("randomized.features.max_corr_median")] == pytest.approx(
         result.randomized.stats["features.max_corr_median"])
     logged = {a.path for a in client.list_artifacts(pair.info.run_id, "report")}
     assert "report/report.html" in logged and "report/universality.png" in logged
@@ -86,10 +88,10 @@ def test_features_from_another_folder_finds_the_stage_folders(control_run, tmp_p
     shown = CliRunner().invoke(main, ["features", run_id, "0", "3", "--results-dir", str(results)])
     assert shown.exit_code == 0, shown.output
     assert "seed0 feature 3" in shown.output
-    client = tracking.open_client(results, None, read_only=True)
+    client = store.open_client(results, None, read_only=True)
     seed0 = client.search_runs([client.get_run(run_id).info.experiment_id],
                                filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`univ.seed` = '0' "
-                                             f"and tags.`{tracking.KIND}` = 'seed'")[0]
+                                             f"and tags.`{names.KIND}` = 'seed'")[0]
     recorded = [seed0.data.tags[f"univ.{k}_dir"] for k in ("model", "sae", "activations")]
     assert all(os.path.isabs(path) for path in [*recorded, client.get_run(run_id).data.tags["univ.data_dir"]])
     for key in ("model", "sae", "activations"):  # a run recorded by an older univ: paths relative to its start folder

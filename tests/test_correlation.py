@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from universality.correlation import (
+from universality.measures.correlation import (
     StreamingCorrelation,
     _add_sparse_cross,
     as_chunk,
@@ -13,7 +13,7 @@ from universality.correlation import (
     sparse_cross_reference,
     to_csr,
 )
-from universality.errors import DataError
+from universality.core.errors import DataError
 
 
 def sparse_acts(rng, n, f, density, dead=()):
@@ -53,7 +53,7 @@ def data():
     ids=["numpy", "csr", "torch"],
 )
 def test_chunked_matches_numpy_corrcoef(data, convert, monkeypatch):
-    monkeypatch.setattr("universality.correlation._ROW_BLOCK", 7)  # several row blocks, a ragged last one
+    monkeypatch.setattr("universality.measures.correlation._ROW_BLOCK", 7)  # several row blocks, a ragged last one
     a, b = data
     acc = stream((convert(ca), convert(cb)) for ca, cb in row_chunks(a, b, 700))
     np.testing.assert_allclose(acc.correlation(), pearson_reference(a, b), atol=1e-5)
@@ -87,7 +87,7 @@ def test_sparse_cross_kernel_matches_scipy_product(monkeypatch):
     rng = np.random.default_rng(2)
     a = sp.random(500, 60, density=0.1, random_state=rng, format="csr")
     b = sp.random(500, 45, density=0.2, random_state=rng, format="csr")
-    monkeypatch.setattr("universality.correlation.PAIR_BLOCK", 97)  # many small blocks
+    monkeypatch.setattr("universality.measures.correlation.PAIR_BLOCK", 97)  # many small blocks
     cross = np.ones((60, 45))
     _add_sparse_cross(cross, a, b)
     np.testing.assert_allclose(cross, 1.0 + sparse_cross_reference(a, b), rtol=1e-12)

@@ -9,10 +9,11 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from universality import export, tracking
+from universality.outputs import export
+from universality.tracking import lookups, store
 from universality.cli import main
-from universality.config import DEFAULT_EXPERIMENT
-from universality.matching import match
+from universality.core.config import DEFAULT_EXPERIMENT
+from universality.measures.matching import match
 
 
 def invoke(*args):
@@ -26,8 +27,8 @@ def test_export_round_trips_with_documented_columns(tracked_tiny, tmp_path, fmt)
     out = tmp_path / f"matched.{fmt}"
     result = invoke("export", "latest", "--format", fmt, "--out", out, "--results-dir", results)
     assert result.exit_code == 0, result.output
-    client = MlflowClient(tracking.embedded_uri(results))
-    matched, families = tracking.load_tables(client, tracking.find_run(client, "latest").info.run_id)
+    client = MlflowClient(store.embedded_uri(results))
+    matched, families = lookups.load_tables(client, lookups.find_run(client, "latest").info.run_id)
     back = export.read_table(out, fmt, export.MATCHED_COLUMNS)
     back_families = export.read_table(export.families_path(out), fmt, export.FAMILY_COLUMNS)
     pd.testing.assert_frame_equal(back, matched)
@@ -59,7 +60,7 @@ def test_feature_card_in_terminal(tracked_tiny):
 @pytest.mark.slow
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tracked_tiny, tmp_path):
     results, _ = tracked_tiny
-    client = MlflowClient(tracking.embedded_uri(results))
+    client = MlflowClient(store.embedded_uri(results))
     child = univ_child(client)
     cases = [
         (("export", "0123abc", "--out", tmp_path / "a.csv"), 1, "unknown run id"),
@@ -116,8 +117,8 @@ def test_match_and_export_tables_share_one_documented_vocabulary(tmp_path):
     import re
     from pathlib import Path
 
-    from universality.config import CompareConfig
-    from universality.match_files import match_activation_files
+    from universality.core.config import CompareConfig
+    from universality.match import match_activation_files
 
     acts = np.maximum(np.random.default_rng(0).standard_normal((400, 6)), 0)
     np.save(tmp_path / "a.npy", acts)

@@ -15,34 +15,39 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from fast_pipeline import fast_cfg
-from universality import by_size, pipeline, tracking
+from universality.outputs import by_size
+from universality import pipeline
+from universality.runtime import memory
+from universality.stages import sae as sae_stage
+from universality.stages.data import Dataset
+from universality.tracking import lookups, names, store
 from universality.cli import main
-from universality.config import SAEConfig, load_preset
-from universality.errors import ConfigError
-from universality.run_names import model_name, replica_name, replicate_of, size_of
+from universality.core.config import ExperimentConfig, SAEConfig, load_preset
+from universality.core.errors import ConfigError
+from universality.core.run_names import model_name, replica_name, replicate_of, size_of
 
 # sae_key of fast_cfg (fp32) for model key "m" * 16, as the code before dictionary families computed it (commit
 # 5c235f2): a change means every cached SAE is retrained. Only on purpose: bump SAE_VERSION and update these.
 KEY_BEFORE_FAMILIES = {(256, 0): "4ea744107fe35604", (256, 1): "0bdf28d2cee72149", (128, 0): "18fba454df196591"}
 
 
-def fp32(**sae) -> pipeline.ExperimentConfig:
+def fp32(**sae) -> ExperimentConfig:
     return fast_cfg().replace(sae={"precision": "fp32", **sae})
 
 
 def test_a_single_size_keeps_its_sae_keys_and_a_family_member_has_the_key_of_its_size_alone():
     for (size, replicate), key in KEY_BEFORE_FAMILIES.items():
-        assert pipeline.sae_key("m" * 16, fp32(dict_size=size), "cpu", replicate) == key
+        assert sae_stage.key("m" * 16, fp32(dict_size=size), "cpu", replicate) == key
     family = fp32(dict_sizes=[128, 256])
     assert family.sae.dict_size == 256 and family.sae.sizes == (128, 256)
-    assert pipeline.sae_key("m" * 16, family, "cpu") == KEY_BEFORE_FAMILIES[(256, 0)]  # the primary: the largest
-    assert pipeline.sae_key("m" * 16, family, "cpu", 1) == KEY_BEFORE_FAMILIES[(256, 1)]
-    assert pipeline.sae_key("m" * 16, family, "cpu", size=128) == KEY_BEFORE_FAMILIES[(128, 0)]
-    assert pipeline.size_config(family, 128).sae == fp32(dict_size=128).sae
+    assert sae_stage.key("m" * 16, family, "cpu") == KEY_BEFORE_FAMILIES[(256, 0)]  # the primary: the largest
+    assert sae_stage.key("m" * 16, family, "cpu", 1) == KEY_BEFORE_FAMILIES[(256, 1)]
+    assert sae_stage.key("m" * 16, family, "cpu", size=128) == KEY_BEFORE_FAMILIES[(128, 0)]
+    assert sae_stage.size_config(family, 128).sae == fp32(dict_size=128).sae
 
 
 def _dataset():
-    return pipeline.Dataset(None, "data", "", "", 512, np.zeros(1), np.zeros(1), {})
+    return Dataset(None, "data", "", "", 512, np.zeros(1), np.zeros(1), {})
 
 
 def test_a_single_size_plans_exactly_the_tasks_and_pairs_it_did():
@@ -92,12 +97,12 @@ def test_bad_sizes_are_one_line_config_errors(sae, message):
 
 
 def test_the_memory_estimate_counts_weights_adam_and_the_batch():
-    assert pipeline.sae_training_bytes(d_in=10, size=100, batch_size=8, buffer_size=50, resample_inputs=50) == (
+    assert memory.sae_training_bytes(d_in=10, size=100, batch_size=8, buffer_size=50, resample_inputs=50) == (
         4 * (4 * (2 * 10 * 100 + 100 + 10) + 4 * 8 * 100 + 100 * 10))
     cfg = fast_cfg().replace(sae={"dict_sizes": [64, 2**40]})
     with pytest.raises(ConfigError, match=r"^an SAE of 1,099,511,627,776 features needs about [\d,.]+ GiB to train"):
-        pipeline.check_memory(cfg, "cpu")
-    pipeline.check_memory(fast_cfg(), "cpu")
+        memory.check_memory(cfg, "cpu")
+    memory.check_memory(fast_cfg(), "cpu")
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -134,10 +139,10 @@ def test_a_family_run_and_a_sweep_over_architectures(tmp_path, monkeypatch):
     results = tmp_path / "results"
     common = ["--config", str(config), "--seeds", "2", "--jobs", "1", "--device", "cpu", "--results-dir", str(results),
               "--dict-sizes", "64,128"]
-    trained, streams, real_train, real_stream = [], [], pipeline.train_sae, pipeline.model_activations
-    monkeypatch.setattr(pipeline, "train_sae", lambda batches, cfg, *a, **k: trained.append(cfg.dict_size) or
+    trained, streams, real_train, real_stream = [], [], sae_stage.train_sae, sae_stage.model_activations
+    monkeypatch.setattr(sae_stage, "train_sae", lambda batches, cfg, *a, **k: trained.append(cfg.dict_size) or
                         real_train(batches, cfg, *a, **k))
-    monkeypatch.setattr(pipeline, "model_activations", lambda *a, seed, **k: streams.append(seed) or
+    monkeypatch.setattr(sae_stage, "model_activations", lambda *a, seed, **k: streams.append(seed) or
                         real_stream(*a, seed=seed, **k))
     out = CliRunner().invoke(main, ["run", *common])
     assert out.exit_code == 0, out.output
@@ -145,10 +150,10 @@ def test_a_family_run_and_a_sweep_over_architectures(tmp_path, monkeypatch):
     assert streams.count(0) == 2 and streams.count(1) == 2  # each seed's two sizes: the same activation stream
     assert "seed0-d64 (64-feature SAE of seed0)" in out.output and "by dictionary size" in out.output
 
-    client = MlflowClient(tracking.embedded_uri(results))
-    parent = tracking.find_run(client, "latest")
+    client = MlflowClient(store.embedded_uri(results))
+    parent = lookups.find_run(client, "latest")
     children = {r.info.run_name: r for r in _parents(client)[parent.info.run_id]}
-    kinds = {name: r.data.tags[tracking.KIND] for name, r in children.items()}
+    kinds = {name: r.data.tags[names.KIND] for name, r in children.items()}
     assert kinds == {"seed0": "seed", "seed1": "seed", "seed0-sae1": "sae-replicate", "seed0-d64": "sae-size",
                      "seed1-d64": "sae-size", "seed0-d64-sae1": "sae-replicate", "seed0-vs-seed1": "pair",
                      "seed0-vs-seed0-sae1": "replicate-pair", "seed0-d64-vs-seed1-d64": "pair",
@@ -173,7 +178,7 @@ def test_a_family_run_and_a_sweep_over_architectures(tmp_path, monkeypatch):
     out = CliRunner().invoke(main, ["sweep", *common, "--grid", "sae.arch=relu,topk"])
     assert out.exit_code == 0, out.output
     assert sorted(trained) == [64, 64, 64, 128, 128, 128]  # the relu point's SAEs are the run's: only topk trains
-    [sweep] = [r for r in _parents(client)[None] if r.data.tags[tracking.KIND] == "sweep"]
+    [sweep] = [r for r in _parents(client)[None] if r.data.tags[names.KIND] == "sweep"]
     folder = results / "reports" / sweep.info.run_id
     sizes = pd.read_parquet(folder / f"{by_size.TABLE_FILE}.parquet")
     assert sizes[["label", "dict_size"]].values.tolist() == [
@@ -198,7 +203,7 @@ def test_the_by_size_figure_draws_a_line_per_architecture_and_the_paper_point():
 
 
 def test_dict_sizes_is_a_grid_axis(tiny_cfg):
-    from universality import grid
+    from universality.core import grid
 
     axes = grid.parse_grid(["sae.dict_sizes=[64,128],[128,256]", "sae.arch=relu,topk"])
     points = grid.grid_points(tiny_cfg, axes)

@@ -10,10 +10,10 @@ import torch
 
 from models.training import build_model, ngram_baselines, train_transformer
 from models.transformer import TransformerConfig
-from universality.config import TrainConfig
-from universality.corpus import load_corpus
-from universality.errors import DataError
-from universality.tokenization import encode_documents, shuffled_documents, train_tokenizer
+from universality.core.config import TrainConfig
+from universality.text.corpus import load_corpus
+from universality.core.errors import DataError
+from universality.text.tokenization import encode_documents, shuffled_documents, train_tokenizer
 
 SMALL = TransformerConfig(vocab_size=97, ctx_len=16, d_model=32, d_mlp=64, n_heads=4)
 

@@ -24,9 +24,9 @@ from fast_pipeline import fast_cfg, run_fast
 
 from models.training import train_transformer
 from models.transformer import TransformerConfig
-from universality import cache, pipeline
-from universality.config import load_config, load_preset
-from universality.errors import TrainingDiverged, UnivError
+from universality.runtime import cache
+from universality.core.config import load_config, load_preset
+from universality.core.errors import TrainingDiverged, UnivError
 
 
 def univ(*args, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -122,11 +122,11 @@ def test_a_preset_on_another_preset_changes_only_its_own_fields(name):
 def test_mlflow_problems_are_one_line_errors(tmp_path):
     from mlflow import MlflowClient
 
-    from universality import tracking
+    from universality.tracking import store
 
     results = tmp_path / "results"
-    client = tracking.open_client(results, None)
-    client.delete_experiment(tracking.experiment_id(client, "gone", results))
+    client = store.open_client(results, None)
+    client.delete_experiment(store.experiment_id(client, "gone", results))
     cases = [
         (["--tracking-uri", "foo://bar"], {}, "unsupported MLflow tracking URI 'foo://bar'"),
         ([], {"MLFLOW_TRACKING_URI": "foo://bar"}, "unsupported MLflow tracking URI 'foo://bar'"),
@@ -137,7 +137,7 @@ def test_mlflow_problems_are_one_line_errors(tmp_path):
         result = univ("run", "--preset", "tiny", "--results-dir", results, *args, env=env)
         assert_one_line_error(result, message)
     assert not (results / "cache").exists()  # every one failed before any work
-    assert [e.name for e in MlflowClient(tracking.embedded_uri(results)).search_experiments()] == ["Default"]
+    assert [e.name for e in MlflowClient(store.embedded_uri(results)).search_experiments()] == ["Default"]
 
 
 def test_read_only_commands_on_a_mistyped_results_dir_create_nothing(tmp_path):
@@ -145,10 +145,10 @@ def test_read_only_commands_on_a_mistyped_results_dir_create_nothing(tmp_path):
     for args in (["export", "--out", tmp_path / "m.csv"], ["features", "latest", "0", "1"], ["ui"]):
         assert_one_line_error(univ(*args, "--results-dir", typo), f"no results at {typo}")
     assert list(tmp_path.iterdir()) == []
-    from universality import tracking
+    from universality.tracking import store
 
-    store = tracking.open_client(tmp_path / "store", None).tracking_uri  # with a tracking URI, the folder is not needed
-    assert_one_line_error(univ("export", "--out", tmp_path / "m.csv", "--tracking-uri", store, "--results-dir", typo),
+    uri = store.open_client(tmp_path / "store", None).tracking_uri  # with a tracking URI, the folder is not needed
+    assert_one_line_error(univ("export", "--out", tmp_path / "m.csv", "--tracking-uri", uri, "--results-dir", typo),
                           "no finished univ run")
     assert not typo.exists()
 
@@ -163,7 +163,7 @@ def test_results_dir_under_a_file_is_one_line_error_naming_it(tmp_path):
 def test_full_disk_is_one_line_error_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     def no_space(file, array, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), getattr(file, "name", str(file)))
-    monkeypatch.setattr(pipeline.np, "save", no_space)
+    monkeypatch.setattr(np, "save", no_space)
     with pytest.raises(UnivError, match="No space left on device") as caught:
         run_fast(tmp_path / "results", [0])
     assert "\n" not in str(caught.value)
@@ -208,7 +208,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     from models.training import train_transformer
     from models.transformer import TransformerConfig
     from sae.training import train_sae
-    from universality.config import load_preset
+    from universality.core.config import load_preset
 
     which, checkpoints, out, slow = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
     cfg = load_preset("tiny")

@@ -7,9 +7,9 @@ import scipy.sparse as sp
 from click.testing import CliRunner
 
 from universality.cli import main
-from universality.comparison import compare
-from universality.config import CompareConfig
-from universality.matching import NO_PARTNER, match
+from universality.measures.comparison import compare
+from universality.core.config import CompareConfig
+from universality.measures.matching import NO_PARTNER, match
 
 N_TOKENS, F_A, N_SHARED, F_B = 6000, 30, 20, 34
 

@@ -11,8 +11,8 @@ import torch
 from fast_pipeline import run_fast, stage_checksums
 from test_progress import check_reported
 
-from universality.errors import ConfigError
-from universality.orchestration import Engine, spread_devices
+from universality.core.errors import ConfigError
+from universality.runtime.engine import Engine, spread_devices
 
 BIT_IDENTICAL = [("model", "model.safetensors"), ("sae", "sae_weights.safetensors"), ("activations", "neurons.npy")]
 

@@ -13,9 +13,14 @@ import scipy.sparse as sp
 from fast_pipeline import fast_cfg, run_fast
 from mlflow import MlflowClient
 
-from universality import export, own_neurons, pipeline, tracking
-from universality.activations import FEATURES, NEURONS, HeldoutActivations
-from universality.config import CompareConfig
+from universality.publish import publish
+from universality.outputs.terminal import describe
+from universality.outputs import export
+from universality.analysis import own_neurons
+from universality.tracking import lookups, names, store
+from universality.tracking.tracker import tracked_run
+from universality.analysis.heldout import FEATURES, NEURONS, HeldoutActivations
+from universality.core.config import CompareConfig
 
 
 def brute_force_max_corr(features: np.ndarray, neurons: np.ndarray, min_firings: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,9 +108,9 @@ def tracked_fast(tmp_path_factory):
     """(results folder, RunResult, parent run id) of a tracked two-seed run on the fast tiny config."""
     results = tmp_path_factory.mktemp("own") / "results"
     cfg = fast_cfg()
-    with tracking.tracked_run(results, None, "univ", cfg, [0, 1]) as tracker:
+    with tracked_run(results, None, "univ", cfg, [0, 1]) as tracker:
         result = run_fast(results, [0, 1], cfg)
-        tracker.log_result(result)
+        publish(tracker, result)
     return results, result, tracker.run_id
 
 
@@ -123,25 +128,25 @@ def test_a_run_caches_logs_and_exports_features_vs_own_neurons(tracked_fast, mon
     for key in ("max_corr_median", "frac_above_0.5", "neurons_for_90pct_median"):
         values = [result.saes[name].own_neurons.stats[key] for name in ("seed0", "seed1")]
         assert result.summary[f"own_neurons.{key}_mean"] == pytest.approx(np.mean(values))
-    assert "SAE features vs own neurons (mean over seeds)" in pipeline.describe(result)
+    assert "SAE features vs own neurons (mean over seeds)" in describe(result)
 
     calls = []
     monkeypatch.setattr(own_neurons, "compare_own_neurons", lambda *a: calls.append(a))
     again = run_fast(results, [0, 1])  # cached: the stage is only read back
     assert not calls and again.summary == result.summary
 
-    client = MlflowClient(tracking.embedded_uri(results))
+    client = MlflowClient(store.embedded_uri(results))
     parent = client.get_run(run_id).data.metrics
     assert parent["own_neurons/max_corr_median_mean"] == pytest.approx(result.summary["own_neurons.max_corr_median_mean"])
     assert "own_neurons/frac_above_0.9_mean" in parent and "own_neurons/neurons_for_90pct_median_mean" in parent
     children = client.search_runs([client.get_run(run_id).info.experiment_id],
-                                  filter_string=f"tags.`univ.run_name` = 'seed0' and tags.`{tracking.KIND}` = 'seed'")
+                                  filter_string=f"tags.`univ.run_name` = 'seed0' and tags.`{names.KIND}` = 'seed'")
     assert children[0].data.metrics["own_neurons/max_corr_median"] == pytest.approx(own.stats["max_corr_median"])
     report = results / "reports" / run_id / "report"
     assert (report / "own_neurons.png").is_file()
     assert "SAE features vs the neurons of their own model" in (report / "report.html").read_text()  # its caption
 
-    matched, _ = tracking.load_tables(client, run_id)
+    matched, _ = lookups.load_tables(client, run_id)
     rows = matched[(matched.seed_a == 0) & (matched.sae_a == 0) & ~matched.same_model].sort_values("feature_a")
     pd.testing.assert_series_equal(rows.own_neuron_corr_a.reset_index(drop=True), pd.Series(own.max_corr, name="own_neuron_corr_a"))
     assert rows.own_neuron_a.tolist() == own.neuron.tolist()

@@ -10,8 +10,9 @@ import re
 import pytest
 from fast_pipeline import fast_cfg
 
-from universality import pipeline, progress
-from universality.orchestration import Engine
+from universality import pipeline
+from universality.runtime import progress
+from universality.runtime.engine import Engine
 
 
 class Terminal(io.StringIO):

@@ -12,8 +12,9 @@ import pytest
 
 from mlflow import MlflowClient
 
-from universality import reports, tracking
-from universality.errors import DataError
+from universality.outputs import reports
+from universality.tracking import lookups, store
+from universality.core.errors import DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,8 +67,8 @@ def test_cached_figures_are_read_back_by_name(tmp_path):
 @pytest.mark.slow
 def test_run_and_pair_reports_are_self_contained(tracked_tiny):
     results, _ = tracked_tiny
-    client = MlflowClient(tracking.embedded_uri(results))
-    folder = results / "reports" / tracking.find_run(client, "latest").info.run_id
+    client = MlflowClient(store.embedded_uri(results))
+    folder = results / "reports" / lookups.find_run(client, "latest").info.run_id
     pair = folder / "pairs" / "seed0-vs-seed1"
     assert {p.name for p in pair.iterdir()} == {"universality.png", "density_vs_corr.png", "logit_vs_activation.png",
                                                  "top_block.png", "report.html"}

@@ -21,8 +21,8 @@ from sae.registry import build_sae
 from sae.resampling import resample_dead
 from sae.training import fraction_step, input_scale, lr_factor, resolve_precision, train_sae
 from universality.cli import main
-from universality.config import SAEConfig
-from universality.errors import DataError, TrainingDiverged
+from universality.core.config import SAEConfig
+from universality.core.errors import DataError, TrainingDiverged
 
 
 def sparse_superposition(n: int, n_true: int = 256, d: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +288,7 @@ def test_snapshot_is_saved_and_survives_resume_bit_identical(tmp_path, monkeypat
     """40 steps, checkpoints every 4, snapshot at 80% = step 32: crash right after the checkpoint at
     step 32, resume, and get the uninterrupted run's snapshot and final SAE exactly."""
     import sae.training as training
-    from universality import checkpoint
+    from universality.runtime import resume
 
     x = sparse_superposition(4096, d=16, n_true=32)[0] * 5.0
     cfg = small_cfg(snapshot_fraction=0.8)
@@ -307,7 +307,7 @@ def test_snapshot_is_saved_and_survives_resume_bit_identical(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="crash"):
         train_sae(epochs(x, 256), cfg, 16, seed=0, progress=False, checkpoint_dir=tmp_path / "ckpt")
     monkeypatch.undo()
-    tensors, state = checkpoint.load(tmp_path / "ckpt")
+    tensors, state = resume.load(tmp_path / "ckpt")
     assert state["step"] == 32  # the SAE at step 32, with the input scale folded in, is the snapshot
     scale = reference.input_scale
     assert torch.equal(tensors["sae.b_dec"] / scale, reference.snapshot["b_dec"])

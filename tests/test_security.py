@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from universality.errors import UnivError
-from universality.orchestration import Engine
+from universality.core.errors import UnivError
+from universality.runtime.engine import Engine
 
 README = Path(__file__).parent.parent / "README.md"
 

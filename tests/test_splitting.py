@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from sae.training import train_sae
-from universality.config import SAEConfig
-from universality.correlation import pearson_reference
-from universality.similarity import decoder_cosines
-from universality.splitting import (EXCLUDED, SplitLevel, classify, compare_sizes, descendants, forest, level_statistics,
-                                    load_level, save_level, split_edges, splits_table, top_families)
+from universality.outputs.terminal import describe
+from universality.core.config import SAEConfig
+from universality.measures.correlation import pearson_reference
+from universality.measures.similarity import decoder_cosines
+from universality.measures.splitting import (EXCLUDED, SplitLevel, classify, compare_sizes, descendants, forest, level_statistics,
+                                             split_edges, splits_table, top_families)
+from universality.stages import split as split_stage
 
 
 def hand_built() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -119,8 +121,8 @@ def test_streamed_level_matches_brute_force_and_round_trips(tmp_path):
     rows, cols = level.edges.feature_a.to_numpy(), level.edges.feature_b.to_numpy()
     np.testing.assert_allclose(level.edges["corr"], reference[rows, cols], atol=1e-6)
     np.testing.assert_allclose(level.edges["cos"], decoder_cosines(W_a, W_b)[rows, cols], atol=1e-12)
-    save_level(level, tmp_path)
-    loaded = load_level(tmp_path)
+    split_stage.save(level, tmp_path)
+    loaded = split_stage.load(tmp_path)
     pd.testing.assert_frame_equal(loaded.edges, level.edges)
     assert (loaded.size_a, loaded.size_b) == (8, 12) and np.array_equal(loaded.density_b, level.density_b)
 
@@ -215,13 +217,13 @@ def test_a_family_run_splits_each_model_between_consecutive_sizes_and_a_single_s
     assert (level.size_a, level.size_b) == (64, 128) and len(list((results / "cache" / "split").glob("*/done.json"))) == 1
     stats = {c: result.summary[f"splits.64_to_128.frac_{c}_mean"] for c in ("persist", "split", "shift", "vanish")}
     assert sum(stats.values()) == pytest.approx(1.0) and stats == {c: level_statistics(level)[f"frac_{c}"] for c in stats}
-    assert "feature splitting" in pipeline.describe(result) and "64 -> 128" in pipeline.describe(result)
+    assert "feature splitting" in describe(result) and "64 -> 128" in describe(result)
     again = run_fast(results, [0], family)  # cached: the same level
     pd.testing.assert_frame_equal(again.splits["seed0"][0].edges, level.edges)
 
 
 def test_the_split_tree_figure_and_report_section():
-    from universality import split_report
+    from universality.outputs import split_report
 
     levels = chain_levels()
     nodes, edges = split_report._tree_layout(levels, 0)
@@ -243,7 +245,7 @@ def test_a_tracked_family_run_exports_its_splits_and_shows_a_feature_of_any_size
     from fast_pipeline import fast_cfg
     from mlflow import MlflowClient
 
-    from universality import tracking
+    from universality.tracking import lookups, store
     from universality.cli import main
 
     config = tmp_path / "fast.json"
@@ -254,8 +256,8 @@ def test_a_tracked_family_run_exports_its_splits_and_shows_a_feature_of_any_size
     assert run.exit_code == 0, run.output
     assert "feature splitting" in run.output and "64 -> 128" in run.output
 
-    client = MlflowClient(tracking.embedded_uri(results))
-    parent = tracking.find_run(client, "latest")
+    client = MlflowClient(store.embedded_uri(results))
+    parent = lookups.find_run(client, "latest")
     assert {f"splits/64_to_128_frac_{c}_mean" for c in ("persist", "split", "shift", "vanish")} <= set(parent.data.metrics)
     report = open(client.download_artifacts(parent.info.run_id, "report/report.html", str(tmp_path))).read()
     assert "Feature splitting between dictionary sizes" in report

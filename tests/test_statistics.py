@@ -5,10 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from universality.across_seeds import feature_families, partner_counts, resampled_means, summarize, summarize_pairs
-from universality.matching import match
-from universality.similarity import decoder_cosines, decoder_statistics, linear_cka, logit_weight_similarity, svcca
-from universality.statistics import (
+from universality.measures.across_seeds import feature_families, partner_counts, resampled_means, summarize, summarize_pairs
+from universality.measures.matching import match
+from universality.measures.similarity import decoder_cosines, decoder_statistics, linear_cka, logit_weight_similarity, svcca
+from universality.measures.statistics import (
     FeatureCensus,
     density_deciles,
     excess_statistics,

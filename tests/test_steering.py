@@ -19,13 +19,16 @@ from test_hardening import assert_one_line_error, univ
 from models.transformer import OneLayerTransformer, TransformerConfig
 from sae.checkpoint import save_sae
 from sae.registry import build_sae
-from universality import export, pipeline, reports, steering, tracking
-from universality.activations import TOP_POSITIONS, TOP_VALUES
+from universality.outputs.terminal import describe
+from universality.outputs import export, reports
+from universality.tracking import lookups, names, store
+from universality.analysis import steering
+from universality.analysis.heldout import TOP_POSITIONS, TOP_VALUES
 from universality.cli import main
-from universality.config import SAEConfig
-from universality.errors import UnivError
-from universality.matching import match
-from universality.steer_report import N_AFFECTED, load_member
+from universality.core.config import SAEConfig
+from universality.core.errors import UnivError
+from universality.measures.matching import match
+from universality.steer import N_AFFECTED, load_member
 
 CTX, SKIP = 12, 1
 
@@ -220,7 +223,7 @@ def test_a_run_with_causal_top_n_reports_causal_universality_per_pair_and_in_the
         assert "ablation_effects.png" in {f.name for f in reports.pair_figures(pair)}
     assert np.isfinite(result.summary["causal.effect_corr_median_top_mean"])
     assert "ceiling.causal.effect_corr_median_top_mean" in result.summary
-    assert "causal universality" in pipeline.describe(result)
+    assert "causal universality" in describe(result)
     matched, _ = export.matched_table(result.pairs, export.run_sources(result), result.replicate_pairs,
                                       own_neurons={name: sae.own_neurons for name, sae in result.saes.items()})
     cross = matched[~matched.same_model]
@@ -237,7 +240,7 @@ def test_a_run_with_causal_top_n_reports_causal_universality_per_pair_and_in_the
 
 def best_mutual_pair(client, parent) -> tuple[int, int]:
     """Seed 0's feature with the highest activation correlation among its mutual matches in seed 1, and that partner."""
-    matched, _ = tracking.load_tables(client, parent.info.run_id)
+    matched, _ = lookups.load_tables(client, parent.info.run_id)
     rows = matched[(matched.seed_a == 0) & (matched.seed_b == 1) & matched.mutual & ~matched.same_model]
     best = rows.sort_values("corr", ascending=False).iloc[0]
     return int(best.feature_a), int(best.feature_b)
@@ -246,8 +249,8 @@ def best_mutual_pair(client, parent) -> tuple[int, int]:
 @pytest.mark.slow
 def test_steer_ablate_across_seeds_prints_both_seeds_and_logs_a_child_run(tracked_tiny, tmp_path):
     results, _ = tracked_tiny
-    client = MlflowClient(tracking.embedded_uri(results))
-    parent = tracking.find_run(client, "latest")
+    client = MlflowClient(store.embedded_uri(results))
+    parent = lookups.find_run(client, "latest")
     feature, partner = best_mutual_pair(client, parent)
     out = CliRunner().invoke(main, ["steer", "latest", "0", str(feature), "--ablate", "--across-seeds", "--log",
                                     "--results-dir", str(results)])
@@ -255,7 +258,7 @@ def test_steer_ablate_across_seeds_prints_both_seeds_and_logs_a_child_run(tracke
     assert f"seed0 feature {feature}" in out.output and f"seed1 feature {partner}" in out.output
     assert "effect corr" in out.output and len(re.findall(r"^ +[+-][0-9.]+  .*⟦", out.output, re.M)) == N_AFFECTED
     steers = client.search_runs([parent.info.experiment_id], filter_string=(
-        f"tags.`{tracking.KIND}` = 'steer' and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))
+        f"tags.`{names.KIND}` = 'steer' and tags.`mlflow.parentRunId` = '{parent.info.run_id}'"))
     assert len(steers) == 1 and steers[0].info.status == "FINISHED"
     run = steers[0]
     assert run.data.params["intervention"] == "ablate" and run.data.params["feature"] == str(feature)
@@ -281,7 +284,7 @@ def test_steer_pin_samples_steered_beside_unsteered_with_the_same_seed(tracked_t
 @pytest.mark.slow
 def test_steer_bad_inputs_are_one_line_errors_and_write_nothing_to_mlflow(tracked_tiny):
     results, _ = tracked_tiny
-    client = MlflowClient(tracking.embedded_uri(results))
+    client = MlflowClient(store.embedded_uri(results))
     exp = client.get_experiment_by_name("univ").experiment_id
     before = len(client.search_runs([exp]))
     cases = [

@@ -15,10 +15,14 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from fast_pipeline import fast_cfg
-from universality import cache, grid, pipeline, sweep, tracking
+from universality.runtime import cache
+from universality.core import grid
+from universality import pipeline, sweep
+from universality.stages import model as model_stage
+from universality.tracking import names, store
 from universality.cli import main
-from universality.config import load_preset
-from universality.errors import ConfigError
+from universality.core.config import load_preset
+from universality.core.errors import ConfigError
 
 
 def test_parse_axis_coerces_values_to_the_field_type():
@@ -103,8 +107,8 @@ def test_summary_rows_take_missing_statistics_as_nan_and_average_the_seeds():
 def test_a_statistic_is_found_by_its_key_or_its_mlflow_name():
     summary = {"features.max_corr_median_mean": 0.4, "neurons.frac_above_0.5_mean": 0.3}
     assert sweep.summary_value(summary, "features.max_corr_median_mean") == 0.4
-    assert sweep.summary_value(summary, tracking.metric_name("features.max_corr_median_mean")) == 0.4
-    assert sweep.summary_value(summary, tracking.metric_name("neurons.frac_above_0.5_mean")) == 0.3
+    assert sweep.summary_value(summary, names.metric_name("features.max_corr_median_mean")) == 0.4
+    assert sweep.summary_value(summary, names.metric_name("neurons.frac_above_0.5_mean")) == 0.3
     assert np.isnan(sweep.summary_value(summary, "ceiling.features.max_corr_median_mean"))
 
 
@@ -144,7 +148,7 @@ def test_tiny_sweep_nests_point_runs_reuses_transformers_and_exports(tmp_path, m
     def run_then_forbid_training(*args, **kwargs):
         """After the first grid point, training a transformer raises: later points must reuse the cache."""
         result = real_run(*args, **kwargs)
-        monkeypatch.setattr(pipeline, "train_transformer", _no_training)
+        monkeypatch.setattr(model_stage, "train_transformer", _no_training)
         return result
 
     monkeypatch.setattr(pipeline, "run", run_then_forbid_training)
@@ -153,18 +157,18 @@ def test_tiny_sweep_nests_point_runs_reuses_transformers_and_exports(tmp_path, m
     assert out.exit_code == 0, out.output
     assert "[4/4] sae.samples=16384 sae.dict_size=256: features.max_corr_median" in out.output
 
-    client = MlflowClient(tracking.embedded_uri(results))
+    client = MlflowClient(store.embedded_uri(results))
     exp = client.get_experiment_by_name("univ").experiment_id
     runs = client.search_runs([exp])
     by_parent: dict[str, list] = {}
     for run in runs:
         by_parent.setdefault(run.data.tags.get(MLFLOW_PARENT_RUN_ID), []).append(run)
     [sweep_run] = by_parent[None]
-    assert sweep_run.data.tags[tracking.KIND] == "sweep" and sweep_run.info.status == "FINISHED"
+    assert sweep_run.data.tags[names.KIND] == "sweep" and sweep_run.info.status == "FINISHED"
     assert sweep_run.data.params["grid.sae.samples"] == "8192,16384" and sweep_run.data.params["seeds"] == "0,1"
     assert f"MLflow sweep run {sweep_run.info.run_id}" in out.output
     points = by_parent[sweep_run.info.run_id]
-    assert {p.data.tags[tracking.KIND] for p in points} == {"experiment"}
+    assert {p.data.tags[names.KIND] for p in points} == {"experiment"}
     assert sorted(p.data.tags["univ.grid_point"] for p in points) == [
         f"sae.samples={s} sae.dict_size={d}" for s in (16384, 8192) for d in (128, 256)]
     for point in points:

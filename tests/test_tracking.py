@@ -14,9 +14,10 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from universality import tracking
+from universality.tracking import lookups, names, store
+from universality.tracking.tracker import Tracker, tracked_run
 from universality.cli import main
-from universality.config import DEFAULT_EXPERIMENT, load_preset
+from universality.core.config import DEFAULT_EXPERIMENT, load_preset
 
 REPORT_FILES = {"report/universality.png", "report/density_vs_corr.png", "report/logit_vs_activation.png",
                 "report/top_block.png", "report/report.html"}
@@ -40,7 +41,7 @@ def univ_runs(client: MlflowClient) -> dict[str, list]:
     exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
     by_kind: dict[str, list] = {}
     for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]):
-        by_kind.setdefault(run.data.tags[tracking.KIND], []).append(run)
+        by_kind.setdefault(run.data.tags[names.KIND], []).append(run)
     return by_kind
 
 
@@ -53,7 +54,7 @@ def check_run_structure(client: MlflowClient) -> None:
     assert parent.data.metrics["tracking/seconds"] > 0
     digest = parent.inputs.dataset_inputs[0].dataset.digest
     assert parent.data.params["corpus.fingerprint"].startswith(digest)
-    assert {"report/report.html", "report/universality.png", tracking.TABLES["matched"]} <= artifacts(client, parent.info.run_id)
+    assert {"report/report.html", "report/universality.png", names.TABLES["matched"]} <= artifacts(client, parent.info.run_id)
 
     children = {r.info.run_name: r for kind in ("seed", "pair") for r in runs[kind]
                 if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
@@ -66,7 +67,7 @@ def check_run_structure(client: MlflowClient) -> None:
     assert {"model/model.safetensors", "model/config.json", "tokenizer/tokenizer.json", "sae/cfg.json",
             "sae/sae_weights.safetensors", "figures/density_histogram.png"} <= artifacts(client, seed)
     pair = children["seed0-vs-seed1"]
-    matched, _ = tracking.load_tables(client, parent.info.run_id)
+    matched, _ = lookups.load_tables(client, parent.info.run_id)
     forward = matched[(matched.seed_a == 0) & (matched.seed_b == 1) & (matched.sae_a == 0) & (matched.sae_b == 0)]
     logged = pair.data.metrics["Universality/features_median_max_corr"]
     assert logged == pytest.approx(forward["corr"].median(), abs=1e-6)  # the median over the table's partners
@@ -90,7 +91,7 @@ def check_metric_sections(client: MlflowClient, parent, pair, ceiling: bool) -> 
         assert all("/" in name for name in names)
         assert sorted(names)[0].startswith("Universality/") and {n for n in names if n.startswith("Universality/")} == headline
         assert not [n for n in names if "decile" in n]
-        assert tracking.DECILES in artifacts(client, run_id)
+        assert names.DECILES in artifacts(client, run_id)
     assert parent.data.metrics["Universality/features_median_max_corr"] == pair.data.metrics["Universality/features_median_max_corr"]
 
 
@@ -98,7 +99,7 @@ def check_metric_sections(client: MlflowClient, parent, pair, ceiling: bool) -> 
 def test_embedded_store_holds_parent_seed_and_pair_runs(tracked_tiny):
     results, output = tracked_tiny
     assert "tracking took" in output
-    client = MlflowClient(tracking.embedded_uri(results))
+    client = MlflowClient(store.embedded_uri(results))
     assert client.get_experiment_by_name("univ").tags["mlflow.experimentKind"] == "custom_model_development"
     check_run_structure(client)
     assert (results / "mlartifacts").is_dir()
@@ -156,12 +157,12 @@ def test_interrupted_runs_are_closed_and_reruns_make_new_parents(tmp_path):
     children = {}
     for error, status in ((RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
         with pytest.raises(type(error)):
-            with tracking.tracked_run(tmp_path, None, "univ", cfg, [0, 1]) as tracker:
+            with tracked_run(tmp_path, None, "univ", cfg, [0, 1]) as tracker:
                 children[status] = tracker.child("seed0", "seed")
                 raise error
-    with tracking.tracked_run(tmp_path, None, "univ", cfg, [0, 1]):
+    with tracked_run(tmp_path, None, "univ", cfg, [0, 1]):
         pass
-    client = MlflowClient(tracking.embedded_uri(tmp_path))
+    client = MlflowClient(store.embedded_uri(tmp_path))
     assert {status: client.get_run(run_id).info.status for status, run_id in children.items()} == {
         "FAILED": "FAILED", "KILLED": "KILLED"}
     assert [p.info.status for p in univ_runs(client)["experiment"]] == ["FINISHED", "KILLED", "FAILED"]
@@ -177,15 +178,15 @@ class RecordingClient:
 
 def test_logging_is_batched_within_mlflow_limits():
     client = RecordingClient()
-    tracker = tracking.Tracker(client, "0", "run", Path("."))
-    metrics = tracking.metrics_from({f"m{i}": i for i in range(2500)})
+    tracker = Tracker(client, "0", "run", Path("."))
+    metrics = names.metrics_from({f"m{i}": i for i in range(2500)})
     tracker.log("run", metrics, params={f"p{i}": i for i in range(150)}, tags={"t": "x"})
     assert client.batches == [(1000, 100, 1), (1000, 0, 0), (500, 0, 0), (0, 50, 0)]
 
 
 def test_metric_names_are_sanitized_and_non_scalars_skipped():
-    assert tracking.metric_name("features.frac_above_0.5 (x)=1") == "thresholds/features_frac_above_0.5 _x__1"
-    logged = tracking.metrics_from({"a": 1, "b": [1, 2], "c": {"x": 1}, "d": float("nan"), "e": True})
+    assert names.metric_name("features.frac_above_0.5 (x)=1") == "thresholds/features_frac_above_0.5 _x__1"
+    logged = names.metrics_from({"a": 1, "b": [1, 2], "c": {"x": 1}, "d": float("nan"), "e": True})
     assert [m.key for m in logged] == ["other/a", "other/d"]
 
 
@@ -211,11 +212,11 @@ def test_metric_names_put_the_answer_first_and_every_statistic_in_a_section():
         "tracking.seconds": "tracking/seconds",
         "transformer/eval_loss": "transformer/eval_loss",  # already named
     }
-    assert {key: tracking.metric_name(key) for key in names} == names
+    assert {key: names.metric_name(key) for key in names} == names
     values = {"features.decile3_max_corr_median_mean": 0.25, "features.decile0_max_corr_median_mean": 0.125,
               "randomized.neurons.decile0_n": 7, "neurons.n_dead_a": 2, "features.max_corr_median_mean": 0.5}
-    assert [m.key for m in tracking.metrics_from(values)] == ["Universality/features_median_max_corr", "counts/neurons_n_dead_a"]
-    table = tracking.decile_table(values)
+    assert [m.key for m in names.metrics_from(values)] == ["Universality/features_median_max_corr", "counts/neurons_n_dead_a"]
+    table = names.decile_table(values)
     assert table.to_dict("records") == [
         {"statistic": "features.max_corr_median_mean", "decile0": 0.125, "decile3": 0.25},
         {"statistic": "randomized.neurons.n", "decile0": 7.0, "decile3": pytest.approx(float("nan"), nan_ok=True)}]

@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from test_tracking import free_port
 
-from universality import tracking
+from universality.tracking import lookups, names, store
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -70,10 +70,10 @@ def test_the_printed_url_opens_the_runs_table(univ_ui, tmp_path):
 
 def test_a_runs_metric_charts_open_on_the_headline_section(univ_ui, tmp_path):
     url, results = univ_ui
-    parent = tracking.find_run(MlflowClient(tracking.embedded_uri(results)), "latest")
+    parent = lookups.find_run(MlflowClient(store.embedded_uri(results)), "latest")
     server, query = url.split("/#/")[0], url.split("?")[1]
     text = page_text(f"{server}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}/model-metrics?{query}",
                      tmp_path / "profile")
     sections = re.findall(r"(\S+) \((\d+)\) Add chart", text)
-    assert sections[0][0] == tracking.HEADLINE and int(sections[0][1]) <= 6, sections
+    assert sections[0][0] == names.HEADLINE and int(sections[0][1]) <= 6, sections
     assert {"features", "neurons", "thresholds", "counts"} <= {name for name, _ in sections}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from universality.cache import STAGES
-from universality.config import DEFAULT_EXPERIMENT, DEFAULT_PRESET, preset_names
-from universality.errors import UnivError, first_line, from_os_error
+from universality.runtime.cache import STAGES
+from universality.core.config import DEFAULT_EXPERIMENT, DEFAULT_PRESET, preset_names
+from universality.core.errors import UnivError, first_line, from_os_error
 
 
 class Group(click.Group):
@@ -118,7 +118,7 @@ def experiment_options(command):
 def _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates, dict_sizes):
     """(config, seeds) from the shared options: the preset, the config file laid over it, the corpus, the replicates,
     the dictionary sizes."""
-    from universality.config import load_config, load_preset
+    from universality.core.config import load_config, load_preset
 
     if seeds is not None and seed_list is not None:
         raise click.UsageError("give --seeds or --seed-list, not both")
@@ -141,22 +141,26 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, trac
         jobs, backend, scheduler, sae_replicates, dict_sizes) -> None:
     """Train one transformer per seed, fit an SAE on each (and replicate SAEs for the ceiling), and compare every pair."""
     cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates, dict_sizes)  # fails before torch loads
-    from universality import pipeline, tracking
-    from universality.orchestration import Engine, resolve_device
+    from universality import pipeline
+    from universality.outputs.terminal import describe
+    from universality.publish import publish
+    from universality.runtime.engine import Engine, resolve_device
+    from universality.runtime.memory import check_memory
+    from universality.tracking.tracker import tracked_run
 
-    pipeline.check_memory(cfg, resolve_device(device))  # before the MLflow run is made
+    check_memory(cfg, resolve_device(device))  # before the MLflow run is made
     engine = Engine(jobs, backend, scheduler)
-    with tracking.tracked_run(results_dir, tracking_uri, experiment, cfg, chosen) as tracker:
+    with tracked_run(results_dir, tracking_uri, experiment, cfg, chosen) as tracker:
         result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device, engine=engine)
-        tracker.log_result(result)
-    click.echo(pipeline.describe(result))
+        publish(tracker, result)
+    click.echo(describe(result))
     click.echo(f"MLflow run {tracker.run_id} in {tracker.client.tracking_uri} (tracking took {tracker.seconds:.1f} s)")
 
 
 def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):
     """The --grid specs as axes; a malformed one is a usage error (one line) before any work."""
-    from universality.errors import ConfigError
-    from universality.grid import parse_grid
+    from universality.core.errors import ConfigError
+    from universality.core.grid import parse_grid
 
     try:
         return parse_grid(specs)
@@ -176,12 +180,12 @@ def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):
 def sweep(axes, stats, seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
           jobs, backend, scheduler, sae_replicates, dict_sizes) -> None:
     """Run the experiment at every point of a grid of config fields; tabulate and plot statistics against each axis."""
-    from universality.grid import grid_points
+    from universality.core.grid import grid_points
 
     cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates, dict_sizes)
     points = grid_points(cfg, axes)  # every point's config is checked before torch loads
     from universality import sweep as sweeps
-    from universality.orchestration import Engine
+    from universality.runtime.engine import Engine
 
     engine = Engine(jobs, backend, scheduler)
     stats = tuple(dict.fromkeys(stats)) or sweeps.DEFAULT_STATS
@@ -204,8 +208,8 @@ def match(acts_a, acts_b, out, threshold, min_firings) -> None:
     """Match the features of two activation matrices over the same tokens (.npy dense or .npz sparse, N x F)."""
     import dataclasses
 
-    from universality.config import CompareConfig
-    from universality.match_files import match_activation_files
+    from universality.core.config import CompareConfig
+    from universality.match import match_activation_files
 
     cfg = CompareConfig() if min_firings is None else dataclasses.replace(CompareConfig(), min_firings=min_firings)
     stats = match_activation_files(acts_a, acts_b, out, cfg, threshold=threshold)
@@ -247,14 +251,14 @@ def ui(port, host, experiment, results_dir) -> None:
     """Start the MLflow UI on the results folder's store and print the experiment's URL."""
     import os
 
-    from universality import tracking
+    from universality.tracking import store
 
-    client = tracking.open_client(results_dir, tracking.embedded_uri(results_dir), read_only=True)
-    exp = tracking.experiment_id(client, experiment, results_dir)
+    client = store.open_client(results_dir, store.embedded_uri(results_dir), read_only=True)
+    exp = store.experiment_id(client, experiment, results_dir)
     artifacts = Path(results_dir).resolve() / "mlartifacts"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", client.tracking_uri,
                "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port)]
-    click.echo(f"MLflow UI: {tracking.ui_url(f'http://{host}:{port}', exp)}  (Ctrl-C stops it)")
+    click.echo(f"MLflow UI: {store.ui_url(f'http://{host}:{port}', exp)}  (Ctrl-C stops it)")
     sys.stdout.flush()
     os.execv(sys.executable, command)  # the server replaces this process: signals reach it directly
 
@@ -270,20 +274,22 @@ def ui(port, host, experiment, results_dir) -> None:
 def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
     """Export a univ run's matched feature table and families, or a sweep's summary table (RUN: an MLflow run id,
     or 'latest': the latest univ run)."""
-    from universality import export as export_tables
-    from universality import sweep, tracking
+    from universality.outputs import export as export_tables
+    from universality import sweep
+    from universality.tracking import lookups, store
+    from universality.tracking.names import KIND
 
     if not out.parent.is_dir():
         raise UnivError(f"folder {out.parent} does not exist")
-    client = tracking.open_client(results_dir, tracking_uri, read_only=True)
-    run = tracking.find_run(client, run_id, kinds=("experiment", "sweep"))
-    if run.data.tags[tracking.KIND] == "sweep":
+    client = store.open_client(results_dir, tracking_uri, read_only=True)
+    run = lookups.find_run(client, run_id, kinds=("experiment", "sweep"))
+    if run.data.tags[KIND] == "sweep":
         table = sweep.load_summary(client, run.info.run_id)
         export_tables.write_table(table, out, fmt)
         click.echo(f"sweep {run.info.run_id}: {len(table)} grid points -> {out}")
         return
-    matched, families = tracking.load_tables(client, run.info.run_id)
-    splits = tracking.load_splits(client, run.info.run_id)
+    matched, families = lookups.load_tables(client, run.info.run_id)
+    splits = lookups.load_splits(client, run.info.run_id)
     written = export_tables.write_tables(matched, families, out, fmt)
     message = f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}"
     if splits is not None:  # a dictionary family: the parent -> child edges between its sizes
@@ -306,21 +312,21 @@ def features(run_id, seed, feature, size, results_dir, tracking_uri) -> None:
     in a dictionary family, its parents and children."""
     import dataclasses
 
-    from universality import tracking
-    from universality.feature_cards import lineage, render_terminal
+    from universality.outputs.feature_cards import lineage, render_terminal
+    from universality.tracking import lookups, store
 
-    client = tracking.open_client(results_dir, tracking_uri, read_only=True)
-    run = tracking.find_run(client, run_id)
-    sizes = tracking.run_sizes(run)
+    client = store.open_client(results_dir, tracking_uri, read_only=True)
+    run = lookups.find_run(client, run_id)
+    sizes = lookups.run_sizes(run)
     if size is not None and size not in sizes:
         raise UnivError(f"run {run.info.run_id} has no {size}-feature SAE (its sizes: {', '.join(map(str, sizes))})")
-    sources = tracking.seed_sources(client, run, seed, results_dir, size)
+    sources = lookups.seed_sources(client, run, seed, results_dir, size)
     n_features = sources.densities.size
     if feature >= n_features:
         raise UnivError(f"feature {feature} is out of range: seed {seed} has {n_features} features (0..{n_features - 1})")
-    matched, _ = tracking.load_tables(client, run.info.run_id)
+    matched, _ = lookups.load_tables(client, run.info.run_id)
     card = sources.card(feature, matched if size in (None, sizes[-1]) else matched.iloc[:0])
-    splits = tracking.load_splits(client, run.info.run_id) if len(sizes) > 1 else None
+    splits = lookups.load_splits(client, run.info.run_id) if len(sizes) > 1 else None
     if splits is not None:
         card = dataclasses.replace(card, lineage=lineage(splits, seed, size or sizes[-1], feature, size in (None, sizes[-1])))
     click.echo(render_terminal(card))
@@ -361,32 +367,34 @@ def steer(run_id, seed, feature, intervention, prompt, n_tokens, temperature, sa
     --across-seeds, beside its matched partners in the other seeds."""
     if value is not None and scale is not None:
         raise click.UsageError("give --value or --scale, not both")
-    from universality import steer_report, tracking
-    from universality.feature_cards import partners, vocab_strings
-    from universality.tokenization import load_tokenizer
+    from universality import steer
+    from universality.outputs.feature_cards import partners, vocab_strings
+    from universality.text.tokenization import load_tokenizer
+    from universality.tracking import lookups, store
+    from universality.tracking.tracker import Tracker
 
-    client = tracking.open_client(results_dir, tracking_uri, read_only=True)
-    run = tracking.find_run(client, run_id)
-    folders = tracking.seed_folders(client, run, seed, results_dir)
+    client = store.open_client(results_dir, tracking_uri, read_only=True)
+    run = lookups.find_run(client, run_id)
+    folders = lookups.seed_folders(client, run, seed, results_dir)
     tokenizer = load_tokenizer(folders[0] / "tokenizer.json")
-    prompt_L = steer_report.prompt_tokens(tokenizer, prompt) if intervention == "pin" else None
-    members = [steer_report.load_member(folders, seed, feature)]
+    prompt_L = steer.prompt_tokens(tokenizer, prompt) if intervention == "pin" else None
+    members = [steer.load_member(folders, seed, feature)]
     if across_seeds:
-        matched, _ = tracking.load_tables(client, run.info.run_id)
-        members += [steer_report.load_member(tracking.seed_folders(client, run, p.seed, results_dir), p.seed, p.feature, p)
+        matched, _ = lookups.load_tables(client, run.info.run_id)
+        members += [steer.load_member(lookups.seed_folders(client, run, p.seed, results_dir), p.seed, p.feature, p)
                     for p in partners(matched, seed, feature)]
     if intervention == "ablate":
-        result = steer_report.ablate(members, steer_report.load_tokens(folders[0], run.data.params, vocab_strings(tokenizer)))
+        result = steer.ablate(members, steer.load_tokens(folders[0], run.data.params, vocab_strings(tokenizer)))
     else:
-        settings = steer_report.PinSettings(prompt, n_tokens, temperature, sample_seed, value, 1.0 if scale is None else scale)
-        result = steer_report.pin(members, tokenizer, prompt_L, settings)
+        settings = steer.PinSettings(prompt, n_tokens, temperature, sample_seed, value, 1.0 if scale is None else scale)
+        result = steer.pin(members, tokenizer, prompt_L, settings)
     click.echo(result.text)
     if across_seeds and len(members) == 1:
         click.echo(f"no partners: seed {seed}'s feature {feature} has no included partner in another seed")
     if log_run:
-        tracker = tracking.Tracker(tracking.open_client(results_dir, tracking_uri), run.info.experiment_id, run.info.run_id,
+        tracker = Tracker(store.open_client(results_dir, tracking_uri), run.info.experiment_id, run.info.run_id,
                                    results_dir)
-        click.echo(f"logged as MLflow run {steer_report.log(tracker, result)} under run {run.info.run_id}")
+        click.echo(f"logged as MLflow run {steer.log(tracker, result)} under run {run.info.run_id}")
 
 
 @main.group()
@@ -403,7 +411,7 @@ _STAGE = click.option("--stage", type=click.Choice(STAGES), default=None,
 @_STAGE
 def cache_ls(results_dir, stage) -> None:
     """List cached stage outputs: stage, key, size, state and what each is."""
-    from universality import cache as stage_cache
+    from universality.runtime import cache as stage_cache
 
     entries = stage_cache.entries(results_dir, stage)
     for e in entries:
@@ -416,6 +424,6 @@ def cache_ls(results_dir, stage) -> None:
 @_STAGE
 def cache_clear(results_dir, stage) -> None:
     """Remove cached stage outputs (all, or one stage's): the next run recomputes them."""
-    from universality import cache as stage_cache
+    from universality.runtime import cache as stage_cache
 
     click.echo(f"removed {stage_cache.clear(results_dir, stage)} cached {stage or 'stage'} folder(s)")

@@ -22,9 +22,18 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from universality import by_size, cache, export, pipeline, reports, tracking  # noqa: E402
-from universality.grid import Axis, Point, format_value  # noqa: E402
-from universality.orchestration import Engine, resolve_device  # noqa: E402
+from universality.outputs import by_size, reports  # noqa: E402
+from universality.runtime import cache  # noqa: E402
+from universality import pipeline  # noqa: E402
+from universality.core.run_names import seed_name  # noqa: E402
+from universality.outputs.run_files import write_table_and_figure  # noqa: E402
+from universality.publish import publish  # noqa: E402
+from universality.runtime.memory import check_memory  # noqa: E402
+from universality.tracking.lookups import downloaded  # noqa: E402
+from universality.tracking.names import metric_name  # noqa: E402
+from universality.tracking.tracker import tracked_run, tracked_sweep  # noqa: E402
+from universality.core.grid import Axis, Point, format_value  # noqa: E402
+from universality.runtime.engine import Engine, resolve_device  # noqa: E402
 
 DEFAULT_STATS = ("features.max_corr_median_mean", "neurons.max_corr_median_mean", "ceiling.features.max_corr_median_mean")
 STAT_LABELS = {  # the default statistics' names in the figure
@@ -44,19 +53,14 @@ LOG_X_RATIO = 8  # a positive numeric axis spanning this factor or more is drawn
 def stage_seconds(result: pipeline.RunResult) -> float:
     """Build time, as recorded in the cache, of every stage a run used: what the point costs computed
     alone from scratch, one stage after another (a sweep's own wall time is less once stages are shared)."""
-    folders = {result.dataset.directory, *(m.directory for m in result.models.values()),
-               *(folder for s in result.saes.values() for folder in (s.directory, s.evaluation, s.own_neurons.directory)),
-               *(a.directory for a in result.activations.values()),
-               *(p.directory for pairs in [*result.size_pairs.values(), *result.size_replicate_pairs.values()] for p in pairs),
-               *(p.directory for p in [*result.pairs, *result.replicate_pairs, result.randomized] if p is not None)}
-    return sum(cache.build_seconds(folder) for folder in folders if folder is not None)
+    return sum(cache.build_seconds(folder) for folder in result.stage_folders)
 
 
 def summary_value(summary: Mapping[str, Any], stat: str) -> float:
     """A statistic of a run's summary by its internal key (``features.max_corr_median_mean``) or by its
     MLflow metric name (``Universality/features_median_max_corr``); NaN when the summary lacks it."""
     if stat not in summary:
-        summary = {tracking.metric_name(key): value for key, value in summary.items()}
+        summary = {metric_name(key): value for key, value in summary.items()}
     return float(summary.get(stat, np.nan))
 
 
@@ -64,7 +68,7 @@ def summary_row(point: Point, result: pipeline.RunResult, seeds: Sequence[int], 
                 wall_seconds: float, run_id: str) -> dict[str, Any]:
     """One row of the summary table: the point's values, the statistics (NaN where its summary lacks
     one), the seeds' mean SAE metrics, its times and its MLflow run."""
-    seed_metrics = [result.saes[f"seed{seed}"].metrics for seed in seeds]
+    seed_metrics = [result.saes[seed_name(seed)].metrics for seed in seeds]
     return {
         **point.values,
         **{stat: summary_value(result.summary, stat) for stat in stats},
@@ -149,10 +153,7 @@ def summary_figure(table: pd.DataFrame, axes: Sequence[Axis], stats: Sequence[st
 
 def write_summary(table: pd.DataFrame, figure: reports.Figure, folder: Path, name: str = TABLE_FILE) -> list[Path]:
     """A summary table ``name`` (Parquet and CSV) and its figure in ``folder``, each written atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for fmt in ("parquet", "csv"):
-        export.write_table(table, folder / f"{name}.{fmt}", fmt)
-    return [folder / f"{name}.parquet", folder / f"{name}.csv", reports.write_figure(figure, folder)]
+    return write_table_and_figure(table, name, figure, folder, folder)
 
 
 @dataclass(frozen=True)
@@ -172,21 +173,21 @@ def run_sweep(axes: Sequence[Axis], points: Sequence[Point], seeds: list[int], r
     keeps the points it finished. ``echo`` receives one line per finished point."""
     device = resolve_device(device)
     for point in points:
-        pipeline.check_memory(point.cfg, device)
+        check_memory(point.cfg, device)
     results_dir = Path(results_dir)
     grid = {f"grid.{axis.name}": ",".join(map(format_value, axis.values)) for axis in axes}
-    with tracking.tracked_sweep(results_dir, tracking_uri, experiment, points[0].cfg, seeds,
+    with tracked_sweep(results_dir, tracking_uri, experiment, points[0].cfg, seeds,
                                 {**grid, "stats": ",".join(stats)}) as sweep:
         folder = results_dir / "reports" / sweep.run_id
         rows, size_tables = [], []
         for i, point in enumerate(points, 1):
             tags = {"univ.grid_point": point.label, **{f"univ.grid.{k}": format_value(v) for k, v in point.values.items()}}
-            with tracking.tracked_run(results_dir, tracking_uri, experiment, point.cfg, seeds, parent_run_id=sweep.run_id,
-                                      run_name=point.label, tags=tags) as tracker:
+            with tracked_run(results_dir, tracking_uri, experiment, point.cfg, seeds, parent_run_id=sweep.run_id,
+                             run_name=point.label, tags=tags) as tracker:
                 start = time.perf_counter()
                 result = pipeline.run(point.cfg, seeds, results_dir, device=device, progress=progress, engine=engine)
                 wall = time.perf_counter() - start
-                tracker.log_result(result)
+                publish(tracker, result)
             rows.append(summary_row(point, result, seeds, stats, wall, tracker.run_id))
             table = summary_table(axes, rows, stats)
             files = write_summary(table, summary_figure(table, axes, stats), folder)
@@ -205,5 +206,5 @@ def run_sweep(axes: Sequence[Axis], points: Sequence[Point], seeds: list[int], r
 def load_summary(client, run_id: str) -> pd.DataFrame:
     """The summary table logged on a sweep's run, with its dtypes."""
     artifact = {"table": f"{SUMMARY_ARTIFACTS}/{TABLE_FILE}.parquet"}
-    with tracking.downloaded(client, run_id, artifact, "sweep summary table") as paths:
+    with downloaded(client, run_id, artifact, "sweep summary table") as paths:
         return pd.read_parquet(paths["table"])

@@ -1,0 +1,54 @@
+"""The evaluation stage: an SAE's quality on the comparison tokens (past the skipped first positions of each
+context): reconstruction, sparsity, densities, loss recovered, and how much it still moved late in training.
+Its own stage, so that comparison settings re-evaluate but never retrain."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sae.checkpoint import jsonable, load_snapshot
+from sae.evaluation import convergence, evaluate_sae, loss_recovered
+from universality.analysis import heldout
+from universality.core.config import ExperimentConfig
+from universality.runtime import cache
+from universality.runtime.atomic import write_text
+from universality.stages.data import Dataset
+from universality.stages.model import RunModel
+from universality.stages.sae import RunSAE
+
+STAGE = cache.Stage("evaluation", 1)
+BATCH_CONTEXTS = 32  # contexts per forward pass of the evaluation
+
+
+def key(dataset: Dataset, sae_key: str, cfg: ExperimentConfig) -> str:
+    return STAGE.key(sae=sae_key, data=dataset.key, tokens=cfg.compare.tokens,
+                     skip_first_positions=cfg.compare.skip_first_positions)
+
+
+def build(dataset: Dataset, model: RunModel, sae: RunSAE, cfg: ExperimentConfig, evaluation_key: str, device: str,
+          results_dir: Path) -> RunSAE:
+    """``sae`` with its evaluation's metrics (computed once)."""
+
+    def compute(directory: Path) -> dict:
+        contexts = heldout.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
+        skip = cfg.compare.skip_first_positions
+        neurons = lambda: heldout.mlp_neurons(model.model, contexts, device, skip, BATCH_CONTEXTS)  # noqa: E731
+        metrics = evaluate_sae(sae.sae, neurons())
+        metrics.update(loss_recovered(model.model, sae.sae, contexts.split(BATCH_CONTEXTS), device, skip))
+        snapshot = load_snapshot(sae.directory, device)
+        if snapshot is not None:
+            metrics.update(convergence(sae.sae, snapshot, neurons(), cfg.compare))
+        write_text(directory / "metrics.json", json.dumps(metrics, default=jsonable))
+        return {"run": sae.name}
+
+    return load(STAGE.build(results_dir, evaluation_key, compute, f"evaluation of the SAE of {sae.name}"), sae)
+
+
+def load(directory: Path, sae: RunSAE) -> RunSAE:
+    metrics = json.loads((directory / "metrics.json").read_text())
+    metrics["densities"] = np.asarray(metrics["densities"])
+    return dataclasses.replace(sae, metrics=metrics, evaluation=directory)

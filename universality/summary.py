@@ -1,0 +1,89 @@
+"""A run's statistics over its pairs and seeds: the mean, std and seed-bootstrap interval of every pair statistic,
+the within-model ceiling and the ratio of cross-model universality to it, feature families and partner counts,
+the features against their own neurons over seeds, and feature splitting over models (``RunResult.summary``)."""
+
+from __future__ import annotations
+
+from universality.analysis.pairs import PairResult
+from universality.core.config import ExperimentConfig
+from universality.core.run_names import model_name, summary_prefix
+from universality.measures.across_seeds import FAMILY_MIN_CORR, feature_families, included_features, partner_counts, summarize_pairs
+from universality.measures.splitting import SplitLevel, level_statistics
+from universality.stages.sae import RunSAE
+
+
+def summarize_splits(splits: dict[str, list[SplitLevel]], cfg: ExperimentConfig) -> dict[str, float]:
+    """Each consecutive size pair's split statistics over the models (mean, std, seed-bootstrap CI):
+    ``splits.512_to_1024.frac_split_mean``, ``splits.512_to_1024.child_density_ratio_median_mean``, ..."""
+    by_sizes: dict[tuple[int, int], list[dict]] = {}
+    for levels in splits.values():
+        for level in levels:
+            by_sizes.setdefault((level.size_a, level.size_b), []).append(level_statistics(level))
+    summary = {}
+    for (size_a, size_b), stats in by_sizes.items():
+        over_models = summarize_pairs(stats, [(i,) for i in range(len(stats))], len(stats), cfg.compare.n_bootstrap)
+        summary.update({f"splits.{size_a}_to_{size_b}.{key}": value for key, value in over_models.items()})
+    return summary
+
+
+CEILING_RATIOS = ("features.max_corr_median", "features.max_corr_mean", "features.frac_above_0.5")
+
+
+def summarize(pairs: list[PairResult], replicate_pairs: list[PairResult], randomized: PairResult | None,
+              names: list[str], cfg: ExperimentConfig) -> dict:
+    """Statistics over all pairs (mean, std, seed-bootstrap CI), the within-model ceiling and the ratio of
+    cross-model universality to it, feature families and partner counts."""
+    index = {name: i for i, name in enumerate(names)}
+    units = [(index[model_name(p.run_a)], index[model_name(p.run_b)]) for p in pairs]
+    summary = summarize_pairs([p.stats for p in pairs], units, len(names), cfg.compare.n_bootstrap) if pairs else {}
+    if replicate_pairs:
+        units = [(index[model_name(p.run_a)],) for p in replicate_pairs]
+        ceiling = summarize_pairs([p.stats for p in replicate_pairs], units, len(names), cfg.compare.n_bootstrap)
+        summary.update({f"ceiling.{key}": value for key, value in ceiling.items()})
+        if pairs:
+            for key in CEILING_RATIOS:
+                summary[f"ceiling_ratio.{key}"] = summary[f"{key}_mean"] / summary[f"ceiling.{key}_mean"]
+    matchings = {(index[model_name(p.run_a)], index[model_name(p.run_b)]): p.matching for p in pairs}
+    if matchings:
+        families = feature_families(matchings, min_corr=FAMILY_MIN_CORR)
+        multi = families.n_runs > 1
+        summary.update({
+            "families.n_multi_run": int(multi.sum()),
+            "families.n_all_runs": int((families.n_runs == len(names)).sum()),
+            "families.mean_size_multi_run": float(families.size[multi].mean()) if multi.any() else 0.0,
+        })
+        included = included_features(matchings)
+        for run, counts in partner_counts(matchings, threshold=FAMILY_MIN_CORR).items():
+            partnered_everywhere = counts[included[run]] == len(names) - 1
+            summary[f"{names[run]}.frac_features_partnered_all_runs"] = float(partnered_everywhere.mean())
+    if randomized is not None:
+        for key, value in randomized.stats.items():
+            summary[f"randomized.{key}"] = value
+        if pairs:
+            summary["features.excess_over_randomized"] = (
+                summary["features.max_corr_mean_mean"] - randomized.stats["features.max_corr_mean"])
+    return summary
+
+
+def summarize_own_neurons(saes: dict[str, RunSAE], names: list[str], cfg: ExperimentConfig) -> dict[str, float]:
+    """The seeds' own SAEs against their models' neurons, over seeds (mean, std, seed-bootstrap CI):
+    ``own_neurons.max_corr_median_mean``, ``own_neurons.neurons_for_90pct_median_mean``, ..."""
+    stats = [saes[name].own_neurons.stats for name in names]
+    over_seeds = summarize_pairs(stats, [(i,) for i in range(len(names))], len(names), cfg.compare.n_bootstrap)
+    return {f"own_neurons.{key}": value for key, value in over_seeds.items()}
+
+
+def run_summary(size_pairs: dict[int, list[PairResult]], size_replicate_pairs: dict[int, list[PairResult]],
+                randomized: PairResult | None, saes: dict[str, RunSAE], splits: dict[str, list[SplitLevel]],
+                seed_names: list[str], cfg: ExperimentConfig) -> dict[str, float]:
+    """A run's whole summary: the primary size's statistics (with the control and the own neurons), every other
+    size's under its prefix (``size512.``), and the feature splitting between sizes."""
+    primary = cfg.sae.dict_size
+    summary = summarize(size_pairs[primary], size_replicate_pairs[primary], randomized, seed_names, cfg)
+    summary.update(summarize_own_neurons(saes, seed_names, cfg))
+    for size in cfg.sae.sizes:
+        if size != primary:
+            stats = summarize(size_pairs[size], size_replicate_pairs[size], None, seed_names, cfg)
+            summary.update({f"{summary_prefix(size)}{key}": value for key, value in stats.items()})
+    summary.update(summarize_splits(splits, cfg))
+    return summary
