@@ -17,6 +17,7 @@ from universality.measures.correlation import pearson_reference
 from universality.measures.similarity import decoder_cosines
 from universality.measures.splitting import (EXCLUDED, SplitLevel, classify, compare_sizes, descendants, forest, level_statistics,
                                              split_edges, splits_table, top_families)
+from universality.runtime import cache
 from universality.stages import split as split_stage
 
 
@@ -218,6 +219,10 @@ def test_a_family_run_splits_each_model_between_consecutive_sizes_and_a_single_s
     stats = {c: result.summary[f"splits.64_to_128.frac_{c}_mean"] for c in ("persist", "split", "shift", "vanish")}
     assert sum(stats.values()) == pytest.approx(1.0) and stats == {c: level_statistics(level)[f"frac_{c}"] for c in stats}
     assert "feature splitting" in describe(result) and "64 -> 128" in describe(result)
+    # every folder the family read (the single run's too: it is the family's primary) is in its stage list, split included
+    assert set(result.stage_folders) == {d for d in (results / "cache").glob("*/*") if d.is_dir()}
+    assert [f.parent.name for f in result.stage_folders] == sorted((f.parent.name for f in result.stage_folders),
+                                                                   key=cache.STAGES.index)
     again = run_fast(results, [0], family)  # cached: the same level
     pd.testing.assert_frame_equal(again.splits["seed0"][0].edges, level.edges)
 

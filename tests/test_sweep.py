@@ -75,10 +75,8 @@ def test_grid_points_are_the_validated_cartesian_product():
 
 def _fake_result(summary: dict, sae_metrics: list[dict]):
     """The parts of a RunResult a summary row reads (no stage folders: no recorded build time)."""
-    saes = {f"seed{i}": SimpleNamespace(metrics=m, directory=None, evaluation=None, own_neurons=SimpleNamespace(directory=None))
-            for i, m in enumerate(sae_metrics)}
-    return SimpleNamespace(summary=summary, saes=saes, models={}, activations={}, pairs=[], replicate_pairs=[], randomized=None,
-                           size_pairs={}, size_replicate_pairs={}, dataset=SimpleNamespace(directory=None))
+    saes = {f"seed{i}": SimpleNamespace(metrics=m) for i, m in enumerate(sae_metrics)}
+    return SimpleNamespace(summary=summary, saes=saes, stage_folders=())
 
 
 def test_summary_rows_take_missing_statistics_as_nan_and_average_the_seeds():
