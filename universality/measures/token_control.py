@@ -52,11 +52,16 @@ def folds_of(index: np.ndarray) -> np.ndarray:
     return ((z ^ (z >> np.uint64(31))) >> np.uint64(63)).astype(np.int8)
 
 
-def _group_sums(chunk: np.ndarray | sp.csr_matrix, groups: np.ndarray, n_groups: int) -> np.ndarray:
-    """[G, F] sum of the chunk's rows per group, touching only the nonzero entries of sparse chunks."""
-    onehot = sp.csr_matrix((np.ones(groups.size), groups, np.arange(groups.size + 1)), shape=(groups.size, n_groups))
+def _add_group_sums(sums_GF: np.ndarray, chunk: np.ndarray | sp.csr_matrix, groups: np.ndarray) -> None:
+    """``sums_GF[g] += Σ`` of the chunk's rows of group g, touching only the nonzero entries of sparse chunks."""
+    n = groups.size
+    onehot = sp.csr_matrix((np.ones(n), groups, np.arange(n + 1)), shape=(n, sums_GF.shape[0]))
     summed = onehot.T @ chunk
-    return summed.toarray() if sp.issparse(summed) else np.asarray(summed)
+    if sp.issparse(summed):
+        summed = summed.tocoo()
+        sums_GF[summed.row, summed.col] += summed.data  # a product's entries are unique: no add.at needed
+    else:
+        sums_GF += summed
 
 
 def _sum_sq(chunk: np.ndarray | sp.csr_matrix) -> np.ndarray:
@@ -91,7 +96,9 @@ class GroupStatistics:
         chunk = as_chunk(acts)
         n, n_features = chunk.shape
         groups = _checked_groups(groups, n, self.n_groups, "group ids")
-        folds = folds_of(np.arange(self.n_rows, self.n_rows + n)) if folds is None else np.asarray(folds)
+        if folds is None:
+            folds = folds_of(np.arange(self.n_rows, self.n_rows + n))
+        folds = _checked_groups(folds, n, N_FOLDS, "folds")
         if self.sums is None:
             self.counts = np.zeros((N_FOLDS, self.n_groups), dtype=np.int64)
             self.sums = np.zeros((N_FOLDS, self.n_groups, n_features))
@@ -101,7 +108,7 @@ class GroupStatistics:
         for fold in range(N_FOLDS):
             rows = np.flatnonzero(folds == fold)
             self.counts[fold] += np.bincount(groups[rows], minlength=self.n_groups)
-            self.sums[fold] += _group_sums(chunk[rows], groups[rows], self.n_groups)
+            _add_group_sums(self.sums[fold], chunk[rows], groups[rows])
             self.sum_sq[fold] += _sum_sq(chunk[rows])
         self.n_rows += n
 
@@ -128,9 +135,8 @@ class GroupStatistics:
         prediction = np.where(seen[:, None], s_fit / np.maximum(n_fit, 1)[:, None], fit_mean)  # [G, F]
         sse = sq_held - 2 * np.einsum("gf,gf->f", prediction, s_held) + np.einsum("g,gf->f", n_held, prediction**2)
         sst = sq_held - s_held.sum(axis=0) ** 2 / max(n_held.sum(), 1)
-        constant = sst <= CONSTANT_BELOW * sq_held
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(constant, np.nan, 1.0 - sse / sst)
+            return np.where(_constant(sst, sq_held), np.nan, 1.0 - sse / sst)
 
     @property
     def total_counts(self) -> np.ndarray:
@@ -175,6 +181,11 @@ def _normalized(cov_n: np.ndarray, var_n_a: np.ndarray, dead_a: np.ndarray, var_
         block *= inv_b
         np.clip(block, -1.0, 1.0, out=corr[lo : lo + _ROW_BLOCK])
     return corr
+
+
+def _constant(var_n: np.ndarray, sum_sq: np.ndarray) -> np.ndarray:
+    """No variance left but rounding, relative to the feature's scale (as ``correlation._Moments.dead``)."""
+    return var_n <= CONSTANT_BELOW * sum_sq
 
 
 def _token_variance_parts(groups: GroupStatistics, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,10 +243,11 @@ class TokenControlledCorrelation(StreamingCorrelation):
         within_a, between_a, sq_a = _token_variance_parts(self.tokens_a, n)
         within_b, between_b, sq_b = _token_variance_parts(self.tokens_b, n)
         dead_a, dead_b = self.dead_a, self.dead_b
-        dead_context_a, dead_context_b = dead_a | (within_a <= CONSTANT_BELOW * sq_a), dead_b | (within_b <= CONSTANT_BELOW * sq_b)
-        dead_lookup_a, dead_lookup_b = dead_a | (between_a <= CONSTANT_BELOW * sq_a), dead_b | (between_b <= CONSTANT_BELOW * sq_b)
+        dead_context_a, dead_context_b = dead_a | _constant(within_a, sq_a), dead_b | _constant(within_b, sq_b)
+        dead_lookup_a, dead_lookup_b = dead_a | _constant(between_a, sq_a), dead_b | _constant(between_b, sq_b)
         contextual = _normalized(self._cross_AB - between_cross, within_a, dead_context_a, within_b, dead_context_b)
-        between_cross -= np.multiply.outer(self.tokens_a.total_sums.sum(axis=0), self.tokens_b.total_sums.sum(axis=0) / n)
+        total_a, total_b = self.tokens_a.total_sums.sum(axis=0), self.tokens_b.total_sums.sum(axis=0)
+        between_cross -= np.multiply.outer(total_a, total_b / n)  # N μₓ μ_yᵀ
         token_lookup = _normalized(between_cross, between_a, dead_lookup_a, between_b, dead_lookup_b)
         return TokenControlledCorrelations(self.correlation(), contextual, token_lookup, dead_a, dead_b,
                                            dead_context_a, dead_context_b, dead_lookup_a, dead_lookup_b)
@@ -297,10 +309,10 @@ def token_share_bins(pair: TokenControlledPair, thresholds: Sequence[float]) -> 
     The same features on both sides of a bin: a feature constant within every token (excluded from
     the contextual comparison) counts as max correlation 0 in its bin's contextual figures.
     """
-    rows_included = pair.raw.census_a.included
+    included = pair.raw.census_a.included
     stats: dict[str, float] = {}
     for name, (lo, hi) in SHARE_BINS.items():
-        rows = np.flatnonzero(rows_included & (pair.token_share_a >= lo) & (pair.token_share_a < hi))
+        rows = np.flatnonzero(included & (pair.token_share_a >= lo) & (pair.token_share_a < hi))
         stats[f"{name}.n"] = int(rows.size)
         for kind, comparison in (("raw", pair.raw), ("contextual", pair.contextual)):
             summary = _correlation_summary(comparison.matching, rows, thresholds)
