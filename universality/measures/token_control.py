@@ -113,7 +113,7 @@ class GroupStatistics:
         self.n_rows += n
 
     def share(self) -> np.ndarray:
-        """[F] cross-fitted fraction of each feature's variance explained by its group; NaN if constant.
+        """[F] cross-fitted fraction of each feature's variance explained by its group; NaN if constant on both halves.
 
         Group means fitted on one fold predict the other fold's rows (a group unseen in the fitting
         fold gets that fold's global mean), the held-out R² is taken against the predicted fold's own
@@ -171,7 +171,8 @@ class TokenControlledCorrelations:
 
 def _normalized(cov_n: np.ndarray, var_n_a: np.ndarray, dead_a: np.ndarray, var_n_b: np.ndarray,
                 dead_b: np.ndarray) -> np.ndarray:
-    """n · covariance [F_A, F_B] and n · variances -> float32 correlations, 0 for dead features; in place."""
+    """n · covariance [F_A, F_B] and n · variances -> float32 correlations, 0 for dead features
+    (``cov_n`` is scaled in place: no second float64 matrix)."""
     inv_a, inv_b = (np.where(dead, 0.0, 1.0 / np.sqrt(np.where(dead, 1.0, v))) for v, dead in
                     ((var_n_a, dead_a), (var_n_b, dead_b)))
     corr = np.empty(cov_n.shape, dtype=np.float32)
@@ -188,15 +189,14 @@ def _constant(var_n: np.ndarray, sum_sq: np.ndarray) -> np.ndarray:
     return var_n <= CONSTANT_BELOW * sum_sq
 
 
-def _token_variance_parts(groups: GroupStatistics, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per feature: n · within-token variance, n · between-token variance, and Σx² (their scale)."""
-    counts, sums, sum_sq = groups.total_counts, groups.total_sums, groups.total_sum_sq
+def _token_variance_parts(counts: np.ndarray, sums: np.ndarray, sum_sq: np.ndarray,
+                          n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, from per-token counts [G], sums [G, F] and Σx² [F]: n · within-token variance
+    (Σx² − Σ_t S[t]²/n[t]) and n · between-token variance (Σ_t S[t]²/n[t] − N μ²)."""
     seen = counts > 0
-    between_sq = np.einsum("gf,gf->f", sums[seen], sums[seen] / counts[seen, None])  # Σ_t S[t]² / n[t]
+    between_sq = np.einsum("gf,gf->f", sums[seen], sums[seen] / counts[seen, None])
     total = sums.sum(axis=0)
-    within = np.maximum(sum_sq - between_sq, 0.0)
-    between = np.maximum(between_sq - total * total / n, 0.0)
-    return within, between, sum_sq
+    return np.maximum(sum_sq - between_sq, 0.0), np.maximum(between_sq - total * total / n, 0.0)
 
 
 class TokenControlledCorrelation(StreamingCorrelation):
@@ -233,21 +233,26 @@ class TokenControlledCorrelation(StreamingCorrelation):
         return self.tokens_b.share()
 
     def correlations(self) -> TokenControlledCorrelations:
-        """Raw, contextual and token-lookup correlation matrices, exact in float64 then stored as float32."""
+        """Raw, contextual and token-lookup correlation matrices, exact in float64 then stored as float32.
+
+        Token means are fitted on the same rows, as a partial correlation is: a token seen once
+        leaves a residual of 0 and so adds nothing to the contextual correlation.
+        """
         self._require_data()
-        n = self.n_tokens
-        counts = self.tokens_a.total_counts
-        seen = counts > 0
-        scaled_a, scaled_b = (g.total_sums[seen] / np.sqrt(counts[seen, None]) for g in (self.tokens_a, self.tokens_b))
-        between_cross = scaled_a.T @ scaled_b  # Sₓᵀ diag(1/n) S_y
-        within_a, between_a, sq_a = _token_variance_parts(self.tokens_a, n)
-        within_b, between_b, sq_b = _token_variance_parts(self.tokens_b, n)
+        n, counts = self.n_tokens, self.tokens_a.total_counts
+        sums_a, sums_b = self.tokens_a.total_sums, self.tokens_b.total_sums
+        sq_a, sq_b = self.tokens_a.total_sum_sq, self.tokens_b.total_sum_sq
+        within_a, between_a = _token_variance_parts(counts, sums_a, sq_a, n)
+        within_b, between_b = _token_variance_parts(counts, sums_b, sq_b, n)
         dead_a, dead_b = self.dead_a, self.dead_b
         dead_context_a, dead_context_b = dead_a | _constant(within_a, sq_a), dead_b | _constant(within_b, sq_b)
         dead_lookup_a, dead_lookup_b = dead_a | _constant(between_a, sq_a), dead_b | _constant(between_b, sq_b)
+
+        seen = counts > 0
+        inv_sqrt_n = 1.0 / np.sqrt(counts[seen, None])
+        between_cross = (sums_a[seen] * inv_sqrt_n).T @ (sums_b[seen] * inv_sqrt_n)  # Sₓᵀ diag(1/n) S_y
         contextual = _normalized(self._cross_AB - between_cross, within_a, dead_context_a, within_b, dead_context_b)
-        total_a, total_b = self.tokens_a.total_sums.sum(axis=0), self.tokens_b.total_sums.sum(axis=0)
-        between_cross -= np.multiply.outer(total_a, total_b / n)  # N μₓ μ_yᵀ
+        between_cross -= np.multiply.outer(sums_a.sum(axis=0), sums_b.sum(axis=0) / n)  # − N μₓ μ_yᵀ
         token_lookup = _normalized(between_cross, between_a, dead_lookup_a, between_b, dead_lookup_b)
         return TokenControlledCorrelations(self.correlation(), contextual, token_lookup, dead_a, dead_b,
                                            dead_context_a, dead_context_b, dead_lookup_a, dead_lookup_b)
