@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from universality.comparison import compare
+from universality.config import CompareConfig
 from universality.correlation import pearson_reference
 from universality.errors import DataError
 from universality.measures.token_control import (
@@ -177,6 +179,21 @@ def test_pure_token_feature_is_dead_in_context_only_and_dead_feature_everywhere(
     assert np.abs(corrs.raw[5]).max() > 0.1  # it does correlate before the token is removed
 
 
+def test_token_blind_feature_is_dead_in_the_token_lookup_only():
+    rng = np.random.default_rng(4)
+    tokens = rng.permutation(np.repeat(np.arange(10), 40))
+    occurrence = np.array([(tokens[:i] == t).sum() for i, t in enumerate(tokens)])
+    blind = np.where(occurrence % 2 == 0, 1.0, -1.0)  # mean 0 on every token: nothing to look up
+    a = np.stack([blind, tokens * 0.25 + rng.random(400)], axis=1)
+    b = np.stack([2 * blind, rng.random(400)], axis=1)
+    acc = TokenControlledCorrelation(vocab_size=10)
+    acc.update(a, b, tokens)
+    corrs = acc.correlations()
+    assert corrs.dead_lookup_a.tolist() == [True, False] and corrs.dead_lookup_b.tolist() == [True, False]
+    assert not corrs.dead_context_a.any()
+    assert (corrs.token_lookup[0] == 0).all() and corrs.contextual[0, 0] == pytest.approx(1.0)
+
+
 def test_token_share_of_the_pair_accumulator_matches_the_reference():
     a, b, tokens = planted()
     acc = stream(a, b, tokens, ("sparse",))
@@ -250,3 +267,12 @@ def test_statistics_separate_token_features_from_context_features():
         == pair.raw.stats["n_included_a"]
     assert stats[f"{high}.raw.max_corr_median"] > 0.99
     assert stats[f"{high}.contextual.max_corr_median"] < 0.1  # features 0 (noise left) and 2 (dead: 0)
+
+
+def test_raw_comparison_of_the_one_pass_is_todays_compare():
+    a, b, tokens = planted_models(n=5000)
+    cuts = chunks(len(tokens), cuts=(1000, 2500))
+    pair = compare_token_controlled(((a[r], b[r], tokens[r]) for r in cuts), 64, 10, THRESHOLDS)
+    today = compare(((a[r], b[r]) for r in cuts), CompareConfig(min_firings=10, thresholds=THRESHOLDS))
+    np.testing.assert_array_equal(pair.raw.corr, today.corr)
+    assert pair.raw.stats == pytest.approx(today.stats, nan_ok=True)
