@@ -37,7 +37,8 @@ THRESHOLD_DECAY = 0.99  # BatchTopK's inference threshold: exponential moving av
 
 
 class Crosscoder(SAE):
-    """The crosscoder both variants share; a variant supplies ``activation`` and ``loss``. Inputs are [B, M, D]."""
+    """What both variants share. A variant supplies its activation (``activation`` at inference,
+    ``training_activation`` in the loss), its ``penalty`` or its ``aux_loss``. Inputs are [B, M, D]."""
 
     def __init__(self, d_in: int, cfg: SAEConfig, generator: torch.Generator | None = None, n_models: int = 2):
         super().__init__(n_models * d_in, cfg, generator)  # ``d_in`` of the SAE: the concatenated M·D dims
@@ -76,6 +77,7 @@ class Crosscoder(SAE):
         return (x_hat_BMD - x_BMD).pow(2).mean(dim=2).sum(dim=1)
 
     def per_input_loss(self, x_BMD: Tensor) -> Tensor:
+        """Each input's reconstruction error + penalty [B]: what resampling weights inputs by."""
         out = self(x_BMD)
         return self.reconstruction_error(x_BMD, out.x_hat) + self.penalty(out.f)
 
@@ -144,7 +146,7 @@ class BatchTopKCrosscoder(Crosscoder):
     def _update_threshold(self, kept_values: Tensor) -> None:
         if len(kept_values) == 0:
             return
-        smallest = kept_values.min().float()
+        smallest = kept_values.min().to(self.threshold.dtype)
         self.threshold.copy_(smallest if self.threshold < 0 else torch.lerp(self.threshold, smallest, 1 - THRESHOLD_DECAY))
 
     def aux_loss(self, x_BMD: Tensor, x_hat_BMD: Tensor, pre_BF: Tensor, dead_F: Tensor | None) -> Tensor:
@@ -163,21 +165,22 @@ def evaluate_crosscoder(crosscoder: Crosscoder, activation_batches: Iterable[Ten
     Scaling is computed in the normalized units the decoder lives in."""
     device, n_models, n_latents = crosscoder.W_dec.device, crosscoder.n_models, crosscoder.d_sae
     W_dec_FMD = crosscoder.W_dec_FMD.detach()
-    scale_M1 = crosscoder.input_scale_M[:, None]
     scaling = LatentScalingSums.new(n_latents, n_models, device)
     fired_F = torch.zeros(n_latents, dtype=torch.float64, device=device)
-    sq_err_M = sum_M = torch.zeros(n_models, dtype=torch.float64, device=device)
-    sum_MD = sum_sq_MD = torch.zeros(n_models, crosscoder.d_model, dtype=torch.float64, device=device)
+    sq_err_M = torch.zeros(n_models, dtype=torch.float64, device=device)
+    sum_MD, sum_sq_MD = (torch.zeros(n_models, crosscoder.d_model, dtype=torch.float64, device=device) for _ in range(2))
     n = 0
     for batch in activation_batches:
         x_BMD = batch.to(device, torch.float32)
         f_BF = crosscoder.encode(x_BMD)
+        x_norm_BMD = x_BMD * crosscoder.input_scale_M[:, None]  # the decoder's units (FVU is the same in raw ones)
         directions_BMD = crosscoder.directions_sum(f_BF).view_as(x_BMD)
-        error_BMD = x_BMD * scale_M1 - directions_BMD - crosscoder.b_dec.view(n_models, -1)
+        error_BMD = x_norm_BMD - directions_BMD - crosscoder.b_dec.view(n_models, -1)
         scaling.update(f_BF, directions_BMD, error_BMD, W_dec_FMD)
-        x64 = x_BMD.double()
-        sq_err_M = sq_err_M + (error_BMD.double() / scale_M1).pow(2).sum(dim=(0, 2))
-        sum_MD, sum_sq_MD = sum_MD + x64.sum(dim=0), sum_sq_MD + x64.pow(2).sum(dim=0)
+        x64 = x_norm_BMD.double()
+        sq_err_M += error_BMD.double().pow(2).sum(dim=(0, 2))
+        sum_MD += x64.sum(dim=0)
+        sum_sq_MD += x64.pow(2).sum(dim=0)
         fired_F += (f_BF > 0).sum(dim=0)
         n += len(x_BMD)
     if n == 0:

@@ -11,16 +11,19 @@ the evaluation tokens is "dead"; otherwise it is "shared" (every model has it), 
 
 Latent Scaling (Minder et al. 2025). For latent i and model m, the closed-form least-squares scale of the
 latent's contribution f_i d_i^m fitted to a target y^m over the tokens, β = Σ_n f_ni <d_i^m, y_n^m> / (||d_i^m||²
-Σ_n f_ni²), for two targets: model m's reconstruction by the *other* latents (β_recon: they carry latent i's
-signal, "latent decoupling") and model m's reconstruction error (β_error: the signal was left out, "complete
-shrinkage"). Each model's own decoder vector d_i^m is used (seeds share no basis, so the owner's vector means
-nothing in another model's space); for a latent shrunk in m its direction still follows the reconstruction
-gradient f_i · error^m. ``fitted_norm`` turns β into decoder-norm units, β ||d_i^m||: how much of latent i's
-direction in m the target holds per unit of f_i (it does not blow up as ||d_i^m|| → 0).
+Σ_n f_ni²), for two targets that both leave latent i's own contribution out (as Minder et al.'s code does):
+model m's reconstruction by the *other* latents, Σ_{j≠i} f_j d_j^m (β_recon: they carry latent i's signal,
+"latent decoupling"), and what that reconstruction misses, x^m − b_dec^m − Σ_{j≠i} f_j d_j^m (β_error: the
+signal is in the error, "complete shrinkage"; ≈ 1 in a model that uses the latent fully, ≈ 0 in one without
+its signal). The two add up to β of x^m − b_dec^m. Each model's own decoder vector d_i^m is used: seeds share no
+basis, so the owner's vector means nothing in another model's space; for a latent shrunk in m the direction of
+d_i^m still follows the reconstruction gradient f_i · error^m. (So β_recon sees a decoupled twin latent only
+where d_i^m points along it; twins are better found by activation correlation.) ``fitted_norm`` turns β into
+decoder-norm units, β ||d_i^m||, which does not blow up as ||d_i^m|| → 0.
 
 The flag. An exclusive latent of model a is "explained elsewhere" when for some other model m the fitted norm
-of its other latents and its error together, (β_recon^m + β_error^m) ||d_i^m||, is at least PRESENCE_RATIO of
-||d_i^a||: model m's activations hold as much of the latent as a decoder that would make m have it.
+(β_recon^m + β_error^m) ||d_i^m|| — the least-squares norm of latent i along its direction in m's activations —
+is at least PRESENCE_RATIO of ||d_i^a||: refitted to m's activations, the decoder would make m have the latent.
 """
 
 from __future__ import annotations
@@ -95,15 +98,15 @@ class LatentScalingSums:
         self.f_sq_F += f64.pow(2).sum(dim=0)
 
     def betas(self, W_dec_FMD: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(β_recon, β_error) [F, M]. β_recon fits the other latents' reconstruction: the full one's β minus
-        the latent's own part, which is exactly 1 (Σ f_i² ||d_i||² / Σ f_i² ||d_i||²). NaN where the latent
-        never fired or its decoder in m is zero."""
+        """(β_recon, β_error) [F, M], both targets without latent i's own contribution f_i d_i^m, whose β is
+        exactly 1 (Σ f_i² ||d_i||² / Σ f_i² ||d_i||²): β_recon is the full reconstruction's β minus 1, β_error
+        the reconstruction error's plus 1. NaN where the latent never fired or its decoder in m is zero."""
         denom_FM = self.f_sq_F[:, None] * W_dec_FMD.double().pow(2).sum(dim=2)
         with np.errstate(invalid="ignore", divide="ignore"):
             denom = denom_FM.cpu().numpy()
             ok = denom > 0
             beta_recon = np.where(ok, self.recon_FM.cpu().numpy() / np.where(ok, denom, 1) - 1, np.nan)
-            beta_error = np.where(ok, self.error_FM.cpu().numpy() / np.where(ok, denom, 1), np.nan)
+            beta_error = np.where(ok, self.error_FM.cpu().numpy() / np.where(ok, denom, 1) + 1, np.nan)
         return beta_recon, beta_error
 
 
