@@ -157,6 +157,34 @@ class BatchTopKCrosscoder(Crosscoder):
         return self.n_models * TopKSAE.aux_loss(self, x_flat, x_hat_flat, pre_BF, dead_F)
 
 
+def crosscoder_tensors(crosscoder: Crosscoder) -> dict[str, Tensor]:
+    """The weights per model, for a safetensors file: W_enc [M, D, F], b_enc [F], W_dec [M, F, D], b_dec [M, D]
+    (normalized units), input_scale [M] (raw x^m · input_scale[m] is what they read) and, for BatchTopK, threshold."""
+    M, D, F = crosscoder.n_models, crosscoder.d_model, crosscoder.d_sae
+    tensors = {"W_enc": crosscoder.W_enc.view(M, D, F), "b_enc": crosscoder.b_enc,
+               "W_dec": crosscoder.W_dec_FMD.transpose(0, 1), "b_dec": crosscoder.b_dec.view(M, D),
+               "input_scale": crosscoder.input_scale_M}
+    tensors |= {"threshold": crosscoder.threshold} if isinstance(crosscoder, BatchTopKCrosscoder) else {}
+    return {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+
+
+@torch.no_grad()
+def load_crosscoder(tensors: dict[str, Tensor], cfg: SAEConfig) -> Crosscoder:
+    """The crosscoder ``crosscoder_tensors`` wrote (``cfg``: the SAEConfig it was trained with)."""
+    from sae.registry import build_sae  # the registry imports this module
+
+    M, F, D = tensors["W_dec"].shape
+    crosscoder = build_sae(cfg, D, n_models=M)
+    crosscoder.W_enc.copy_(tensors["W_enc"].reshape(M * D, F))
+    crosscoder.W_dec.copy_(tensors["W_dec"].transpose(0, 1).reshape(F, M * D))
+    crosscoder.b_enc.copy_(tensors["b_enc"])
+    crosscoder.b_dec.copy_(tensors["b_dec"].flatten())
+    crosscoder.input_scale_M.copy_(tensors["input_scale"])
+    if isinstance(crosscoder, BatchTopKCrosscoder):
+        crosscoder.threshold.copy_(tensors["threshold"])
+    return crosscoder
+
+
 @torch.no_grad()
 def evaluate_crosscoder(crosscoder: Crosscoder, activation_batches: Iterable[Tensor]) -> dict[str, Any]:
     """Metrics over held-out batches [B, M, D] of raw activations at the same tokens: fvu per model (its

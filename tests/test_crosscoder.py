@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae.crosscoder import Crosscoder, evaluate_crosscoder
+from sae.crosscoder import Crosscoder, crosscoder_tensors, evaluate_crosscoder, load_crosscoder
 from sae.crosscoder_latents import (
     LatentScalingSums, classify_latents, explained_elsewhere, latent_table, norm_shares, presence,
 )
@@ -126,6 +126,35 @@ def test_folded_input_scale_reads_raw_activations():
     assert torch.allclose(raw_view.f, trained_view.f, atol=1e-6)
     assert torch.allclose(raw_view.x_hat, trained_view.x_hat / scale_M1, atol=1e-6)
     assert torch.equal(folded.W_dec, cc.W_dec)  # the decoder stays in normalized units: norms compare across models
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_loss_and_gradients_follow_fp32(arch):
+    """bf16 matmuls (the trainer's bf16 mode) give the float32 loss and gradients to bf16's precision."""
+    torch.manual_seed(0)
+    cc = build_sae(small_cfg(arch, l1_coeff=0.1), 16, n_models=2)
+    x = torch.randn(256, 2, 16).relu()
+    results = []
+    for dtype in (None, torch.bfloat16):
+        cc.matmul_dtype = dtype
+        cc.zero_grad()
+        out = cc.loss(x, torch.arange(64) < 10)
+        out.loss.backward()
+        results.append((float(out.loss.detach()), torch.cat([p.grad.flatten() for p in cc.parameters()])))
+    (loss32, grad32), (loss16, grad16) = results
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tensors_round_trip_with_per_model_layout(arch, one_thread):
+    x = planted_models(2048, d=8, n_shared=8, n_exclusive=4)[0]
+    trained = train_sae(epochs(x, 256), small_cfg(arch), 8, seed=0, progress=False).sae
+    tensors = crosscoder_tensors(trained)
+    assert tensors["W_dec"].shape == (2, 64, 8) and tensors["W_enc"].shape == (2, 8, 64) and tensors["b_dec"].shape == (2, 8)
+    assert torch.equal(tensors["W_dec"][1, 5], trained.W_dec_FMD[5, 1])  # latent 5's decoder vector in model 1
+    loaded = load_crosscoder(tensors, small_cfg(arch))
+    assert torch.equal(loaded(x).x_hat, trained(x).x_hat) and torch.equal(loaded(x).f, trained(x).f)
 
 
 # ---- planted ground truth -----------------------------------------------------------------------
