@@ -150,8 +150,8 @@ class BatchTopKCrosscoder(Crosscoder):
         self.threshold.copy_(smallest if self.threshold < 0 else torch.lerp(self.threshold, smallest, 1 - THRESHOLD_DECAY))
 
     def aux_loss(self, x_BMD: Tensor, x_hat_BMD: Tensor, pre_BF: Tensor, dead_F: Tensor | None) -> Tensor:
-        """TopK's AuxK on the concatenated, normalized error, times M: like the reconstruction term, a sum
-        over models of each one's mean squared error."""
+        """TopK's AuxK on the concatenated, normalized error (k_aux = M·D/2, TopK's d_in/2 of that input), times M:
+        like the reconstruction term, a sum over models of each one's mean squared error."""
         scale_M1 = self.input_scale_M[:, None]
         x_flat, x_hat_flat = (x_BMD * scale_M1).flatten(1), (x_hat_BMD * scale_M1).flatten(1)
         return self.n_models * TopKSAE.aux_loss(self, x_flat, x_hat_flat, pre_BF, dead_F)

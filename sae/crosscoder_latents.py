@@ -1,6 +1,6 @@
 """Per-latent diagnostics of a crosscoder: decoder norms per model, a class per latent, and Latent Scaling.
 
-Pure: tensors or arrays in, numbers out; nothing here runs a crosscoder (``sae.crosscoder.latent_statistics``
+Pure: tensors or arrays in, numbers out; nothing here runs a crosscoder (``sae.crosscoder.evaluate_crosscoder``
 streams one over activations and feeds ``LatentScalingSums``). Shapes: N tokens, M models, D dims, F latents.
 
 Classes (one per latent). Model m *has* latent i when its decoder norm is at least ``PRESENCE_RATIO`` of the
