@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
+from models.transformer import OneLayerTransformer, TransformerConfig
+from sae.activations import model_activations, shuffled_batches, stacked
 from sae.crosscoder import Crosscoder, crosscoder_tensors, evaluate_crosscoder, load_crosscoder
 from sae.crosscoder_latents import (
     LatentScalingSums, classify_latents, explained_elsewhere, latent_table, norm_shares, presence,
@@ -246,6 +249,26 @@ def test_trainer_and_registry_refuse_mismatched_inputs():
         train_sae(iter(x3.split(256)), small_cfg("crosscoder-l1"), 7, seed=0, progress=False)
     with pytest.raises(ConfigError, match="sae.k"):
         SAEConfig(arch="crosscoder-batchtopk", dict_size=8, k=8)
+
+
+
+def test_stacked_streams_keep_each_token_s_models_together():
+    """Two models' activation streams with the same tokens and seed are the same contexts: stacked, each model's
+    slice is its own stream; shuffled, a token's rows stay together."""
+    cfg = TransformerConfig(vocab_size=64, ctx_len=16, d_model=16, d_mlp=32, n_heads=2)
+    models = [OneLayerTransformer(cfg) for _ in range(2)]
+    tokens = np.random.default_rng(0).integers(0, 64, 500)
+    streams = lambda: [model_activations(model, tokens, 16, 4, "cpu", seed=3) for model in models]  # noqa: E731
+    chunks = list(itertools.islice(stacked(streams()), 2))
+    assert all(c.shape == (64, 2, 32) for c in chunks) and not torch.equal(chunks[0][:, 0], chunks[0][:, 1])
+    for m, own in enumerate(streams()):
+        assert torch.equal(chunks[0][:, m], next(own))
+    x = torch.randn(1000, 1, 8)
+    pairs = shuffled_batches(iter([torch.cat([x, 2 * x], dim=1)]), 600, 100, torch.Generator().manual_seed(0))
+    for batch in pairs:
+        assert torch.equal(batch[:, 1], 2 * batch[:, 0])
+    with pytest.raises(DataError, match="differ in shape"):
+        next(stacked([iter([torch.zeros(4, 8)]), iter([torch.zeros(4, 7)])]))
 
 
 # ---- per-latent diagnostics ---------------------------------------------------------------------
