@@ -94,3 +94,13 @@ def shuffled_batches(
         n_out = (len(buffer) // 2) // batch_size * batch_size
         yield from buffer[:n_out].split(batch_size)
         pieces, n_rows = [buffer[n_out:]], len(buffer) - n_out
+
+
+def stacked(sources: list[Iterator[Tensor]]) -> Iterator[Tensor]:
+    """A crosscoder's chunks [n, M, D] from M per-model chunk streams at the same tokens (e.g. ``model_activations``
+    of each model with the same tokens and seed, or ``array_chunks`` of files with the same rows and seed); stops
+    with the shortest. ``shuffled_batches`` then mixes tokens and keeps every token's M rows together."""
+    for chunks in zip(*sources):
+        if len({chunk.shape for chunk in chunks}) != 1:
+            raise DataError(f"per-model activation chunks differ in shape: {[tuple(c.shape) for c in chunks]}")
+        yield torch.stack(chunks, dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sae.base import SAE
+from sae.crosscoder import BatchTopKCrosscoder, Crosscoder, L1Crosscoder
 from sae.relu import ReLUSAE
 from sae.topk import TopKSAE
 from universality.core.config import SAEConfig
@@ -13,13 +14,23 @@ from universality.core.errors import ConfigError
 SAE_CLASSES: dict[str, type[SAE]] = {
     ReLUSAE.arch: ReLUSAE,
     TopKSAE.arch: TopKSAE,
+    L1Crosscoder.arch: L1Crosscoder,
+    BatchTopKCrosscoder.arch: BatchTopKCrosscoder,
 }
 
 
-def build_sae(cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> SAE:
-    """A freshly initialised SAE of ``cfg.arch`` on ``d_in``-dimensional inputs."""
+def build_sae(cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None, n_models: int = 1) -> SAE:
+    """A freshly initialised SAE of ``cfg.arch`` on ``d_in``-dimensional inputs; a crosscoder reads
+    ``n_models`` >= 2 such inputs at once, an SAE one."""
     if cfg.arch not in SAE_CLASSES:
         raise ConfigError(f"unknown SAE architecture {cfg.arch!r} (choose from {', '.join(SAE_CLASSES)})")
     if d_in < 1:
         raise ConfigError(f"SAE input dimension must be >= 1, not {d_in}")
-    return SAE_CLASSES[cfg.arch](d_in, cfg, generator)
+    cls = SAE_CLASSES[cfg.arch]
+    if issubclass(cls, Crosscoder):
+        if n_models < 2:
+            raise ConfigError(f"a crosscoder ({cfg.arch}) needs activations of at least 2 models, not {n_models}")
+        return cls(d_in, cfg, generator, n_models)
+    if n_models != 1:
+        raise ConfigError(f"an SAE ({cfg.arch}) reads one model's activations, not {n_models}: use a crosscoder arch")
+    return cls(d_in, cfg, generator)

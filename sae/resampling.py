@@ -32,7 +32,7 @@ def resample_dead(
         weights_N = torch.ones_like(weights_N)
     enough = int((weights_N > 0).sum()) >= n_dead
     picks = torch.multinomial(weights_N.cpu(), n_dead, replacement=not enough, generator=generator)
-    x_bar_KD = inputs_ND[picks.to(inputs_ND.device)] - sae.b_dec
+    x_bar_KD = inputs_ND[picks.to(inputs_ND.device)].flatten(1) - sae.b_dec  # a crosscoder's [K, M, D] as [K, M·D]
     directions_KD = x_bar_KD / x_bar_KD.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     alive_F = ~dead_F

@@ -49,7 +49,7 @@ class TrainedSAE:
     # {step, loss, mse, l1, aux, l0 (means since the previous row), dead, ultralow (counts now), lr}
     history: list[dict[str, float]] = field(default_factory=list)
     resampling_events: list[dict[str, int]] = field(default_factory=list)  # {step, n_resampled}
-    input_scale: float = 1.0  # training saw inputs × input_scale (so that E[||x||²] = d_in)
+    input_scale: float | Tensor = 1.0  # training saw inputs × input_scale (so that E[||x||²] = d_in; [M, 1] for a crosscoder)
     # The parameters at cfg.snapshot_fraction of the steps, input scale folded in like ``sae``'s (float32, CPU);
     # None when the run has no snapshot step.
     snapshot: dict[str, Tensor] | None = None
@@ -87,19 +87,32 @@ def fraction_step(fraction: float, steps: int) -> int:
     return max(1, round(fraction * steps)) if fraction > 0 else 0
 
 
-def input_scale(x_ND: Tensor) -> float:
-    """The factor s with E[||s x||²] = d_in: one λ then fits activations of any model's scale."""
+def input_scale(x_ND: Tensor) -> float | Tensor:
+    """The factor s with E[||s x||²] = d_in: one λ then fits activations of any model's scale. For a
+    crosscoder's inputs [N, M, D], one factor per model, [M, 1] (it broadcasts over a batch): each model's
+    activations are normalized as its own SAE's would be."""
+    if x_ND.ndim == 3:
+        return torch.tensor([input_scale(x_ND[:, m]) for m in range(x_ND.shape[1])]).unsqueeze(1)
     mean_sq_norm = float(x_ND.double().pow(2).sum(dim=1).mean())
     if not mean_sq_norm > 0 or not math.isfinite(mean_sq_norm):
         raise DataError("cannot normalise activations: they are all zero or not finite")
     return math.sqrt(x_ND.shape[1] / mean_sq_norm)
 
 
+def initial_b_dec(x_ND: Tensor) -> Tensor:
+    """The geometric median of the (normalized) inputs, where the paper starts b_dec; for a crosscoder's
+    inputs [N, M, D] each model's own, concatenated as its b_dec [M·D] is."""
+    if x_ND.ndim == 3:
+        return torch.cat([geometric_median(x_ND[:, m]) for m in range(x_ND.shape[1])])
+    return geometric_median(x_ND)
+
+
 def train_sae(
     batches: Iterator[Tensor], cfg: SAEConfig, d_in: int, *, seed: int, device: str | torch.device = "cpu",
     progress: bool = True, checkpoint_dir: Path | None = None,
 ) -> TrainedSAE:
-    """Train a ``cfg.arch`` SAE on ``cfg.samples // cfg.batch_size`` batches [batch_size, d_in] of raw activations.
+    """Train a ``cfg.arch`` SAE on ``cfg.samples // cfg.batch_size`` batches [batch_size, d_in] of raw activations
+    (a crosscoder: [batch_size, n_models, d_in], every model's activations at the same tokens).
 
     With ``checkpoint_dir``, save a resumable checkpoint every ~10% of the steps and resume from the
     last one: ``batches`` must then be a deterministic stream (the same batches on every call), which
@@ -108,15 +121,16 @@ def train_sae(
     steps = cfg.samples // cfg.batch_size
     generator = torch.Generator().manual_seed(seed)
     first = list(itertools.islice(batches, max(1, min(steps, math.ceil(INIT_SAMPLES / cfg.batch_size)))))
-    if not first or first[0].shape[1] != d_in:
+    if not first or first[0].ndim not in (2, 3) or first[0].shape[-1] != d_in:
         raise DataError(f"expected activation batches with {d_in} columns")
     sample_ND = torch.cat(first)[:INIT_SAMPLES].float()
     scale = input_scale(sample_ND)
 
-    sae = build_sae(cfg, d_in, generator)
+    sae = build_sae(cfg, d_in, generator, n_models=first[0].shape[1] if first[0].ndim == 3 else 1)
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample_ND * scale))
+        sae.b_dec.copy_(initial_b_dec(sample_ND * scale))
     sae.to(device)
+    device_scale = scale.to(device) if isinstance(scale, Tensor) else scale
     precision = resolve_precision(cfg.precision, device)
     sae.matmul_dtype = torch.bfloat16 if precision == "bf16" else None  # weights and Adam state stay float32
     optimizer = ConstrainedAdam(sae.parameters(), [sae.W_dec], lr=cfg.lr)
@@ -136,7 +150,7 @@ def train_sae(
     bar = progress_bar(total=steps, initial=start, disable=not progress, desc=f"SAE {cfg.arch}", unit="step", leave=False)
 
     for step in range(start + 1, steps + 1):
-        x_BD = next(source).to(device, torch.float32) * scale
+        x_BD = next(source).to(device, torch.float32) * device_scale
         state.consumed += 1
         lr = cfg.lr * lr_factor(step, steps, warmup_steps, decay_steps)
         for group in optimizer.param_groups:
@@ -155,7 +169,7 @@ def train_sae(
             state.consumed += len(resample_batches)
             inputs_ND = torch.cat(resample_batches)
             dead_F = state.firing.dead(step, window)
-            n = resample_dead(sae, optimizer, dead_F, inputs_ND.to(device, torch.float32) * scale, generator)
+            n = resample_dead(sae, optimizer, dead_F, inputs_ND.to(device, torch.float32) * device_scale, generator)
             state.firing.restart(dead_F, step)
             trained.resampling_events.append({"step": step, "n_resampled": n})
         if step == snapshot_step:
@@ -179,11 +193,12 @@ def train_sae(
     return trained
 
 
-def _folded_parameters(sae: SAE, scale: float) -> dict[str, Tensor]:
-    """The parameters as float32 CPU copies, with the input scale folded in (so they work on raw activations)."""
+def _folded_parameters(sae: SAE, scale: float | Tensor) -> dict[str, Tensor]:
+    """The parameters (and buffers, e.g. a crosscoder's input scales) as float32 CPU copies, with the input
+    scale folded in (so they work on raw activations)."""
     copy = deepcopy(sae).to("cpu", torch.float32)
     copy.fold_input_scale(scale)
-    return {name: p.detach() for name, p in copy.named_parameters()}
+    return {name: p.detach() for name, p in copy.state_dict().items()}
 
 
 @dataclass

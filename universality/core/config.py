@@ -82,15 +82,23 @@ class TrainConfig:
         _require(0 <= self.warmup_steps <= self.steps, "train.warmup_steps must be within [0, train.steps]")
 
 
+SAE_ARCHITECTURES = ("relu", "topk", "crosscoder-l1", "crosscoder-batchtopk")
+TOP_K_ARCHITECTURES = ("topk", "crosscoder-batchtopk")  # the architectures that use sae.k
+
+
 @dataclass(frozen=True)
 class SAEConfig:
     """Sparse autoencoder on the MLP activations ("Towards Monosemanticity"; TopK after Gao et al.)."""
 
-    arch: str = "relu"  # "relu" (ReLU + L1, the paper's) | "topk"
+    # "relu" (ReLU + L1, the paper's) | "topk" | a crosscoder over several models' activations at the same tokens
+    # (sae/crosscoder.py): "crosscoder-l1" (Lindsey et al. 2024: L1 weighted by the summed decoder norms) or
+    # "crosscoder-batchtopk" (Minder et al. 2025: the k · batch largest activations of the batch, AuxK). A crosscoder
+    # reuses dict_size (latents), l1_coeff (L1), k and aux_k_coeff (BatchTopK) and every training field.
+    arch: str = "relu"
     dict_size: int = 4096  # number of features (the paper's A/1: 4096 = 8 x 512)
     l1_coeff: float = 0.004  # lambda of the L1 penalty (the paper's value, for normalized inputs)
-    k: int = 32  # active features per token, TopK only
-    aux_k_coeff: float = 1 / 32  # AuxK loss coefficient, TopK only
+    k: int = 32  # active features per token, TopK only (BatchTopK: per token on average over the batch)
+    aux_k_coeff: float = 1 / 32  # AuxK loss coefficient, TopK and BatchTopK only
     lr: float = 3e-3  # Adam learning rate
     batch_size: int = 512  # activations per step (the paper: 8192, for 1M steps; small batches converge in fewer samples)
     samples: int = 2_000_000  # activation vectors seen in training
@@ -131,7 +139,7 @@ class SAEConfig:
     dict_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(self.arch in ("relu", "topk"), f"sae.arch must be 'relu' or 'topk', not {self.arch!r}")
+        _require(self.arch in SAE_ARCHITECTURES, f"sae.arch must be one of {', '.join(SAE_ARCHITECTURES)}, not {self.arch!r}")
         _require(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in self.dict_sizes),
                  f"sae.dict_sizes must be positive integers, not {list(self.dict_sizes)}")
         _require(len(set(self.dict_sizes)) == len(self.dict_sizes), f"sae.dict_sizes repeats a size: {list(self.dict_sizes)}")
@@ -139,7 +147,7 @@ class SAEConfig:
         if self.dict_sizes:
             object.__setattr__(self, "dict_size", self.dict_sizes[-1])
         _require(self.dict_size >= 1, "sae.dict_size must be >= 1")
-        _require(self.arch != "topk" or 1 <= self.k < self.sizes[0],
+        _require(self.arch not in TOP_K_ARCHITECTURES or 1 <= self.k < self.sizes[0],
                  f"sae.k ({self.k}) must be in [1, the smallest of sae.dict_sizes ({self.sizes[0]}))" if self.dict_sizes
                  else "sae.k must be in [1, sae.dict_size)")
         _require(self.l1_coeff >= 0, "sae.l1_coeff must be >= 0")
