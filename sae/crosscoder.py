@@ -30,8 +30,8 @@ from torch import Tensor
 from sae.base import SAE, SAELoss, SAEOutput, batch_stats
 from sae.crosscoder_latents import LatentScalingSums, class_counts, latent_table
 from sae.topk import TopKSAE
-from universality.config import SAEConfig
-from universality.errors import DataError
+from universality.core.config import SAEConfig
+from universality.core.errors import DataError
 
 THRESHOLD_DECAY = 0.99  # BatchTopK's inference threshold: exponential moving average over training batches
 

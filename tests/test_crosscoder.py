@@ -17,8 +17,8 @@ from sae.crosscoder_latents import (
 )
 from sae.registry import build_sae
 from sae.training import train_sae
-from universality.config import SAEConfig
-from universality.errors import ConfigError, DataError
+from universality.core.config import SAEConfig
+from universality.core.errors import ConfigError, DataError
 
 ARCHS = ["crosscoder-l1", "crosscoder-batchtopk"]
 

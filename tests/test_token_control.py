@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from universality.comparison import compare
-from universality.config import CompareConfig
-from universality.correlation import pearson_reference
-from universality.errors import DataError
+from universality.measures.comparison import compare
+from universality.core.config import CompareConfig
+from universality.measures.correlation import pearson_reference
+from universality.core.errors import DataError
 from universality.measures.token_control import (
     GroupStatistics,
     TokenControlledCorrelation,
@@ -17,7 +17,7 @@ from universality.measures.token_control import (
     folds_of,
     token_control_statistics,
 )
-from universality.statistics import pair_statistics
+from universality.measures.statistics import pair_statistics
 
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
 

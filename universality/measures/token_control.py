@@ -27,11 +27,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from universality.comparison import PairComparison
-from universality.correlation import Activations, StreamingCorrelation, as_chunk
-from universality.errors import DataError
-from universality.matching import match
-from universality.statistics import FeatureCensus, _correlation_summary, pair_statistics
+from universality.measures.comparison import PairComparison
+from universality.measures.correlation import Activations, StreamingCorrelation, as_chunk
+from universality.core.errors import DataError
+from universality.measures.matching import match
+from universality.measures.statistics import FeatureCensus, _correlation_summary, pair_statistics
 
 N_FOLDS = 2
 CONSTANT_BELOW = 1e-12  # as ``correlation._Moments.dead``: variance below this fraction of Σx² is rounding
