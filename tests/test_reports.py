@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 
 from mlflow import MlflowClient
 
-from universality.outputs import reports
+from universality.outputs import formatting, reports
 from universality.tracking import lookups, store
 from universality.core.errors import DataError
 
@@ -79,3 +80,14 @@ def test_run_and_pair_reports_are_self_contained(tracked_tiny):
         assert "0.72" in text and "0.46" in text  # the paper's reference medians
         assert text.count("<div class='card'>") == 2 * reports.N_CARDS and "<mark>" in text
         assert "src='http" not in text and "href='http" not in text  # nothing fetched from elsewhere
+
+
+def test_counts_and_their_means_and_medians_print_as_whole_numbers():
+    headline = reports._headline_table({"features.n_mutual": 417.833, "features.max_corr_median": 0.61234})
+    assert "<td>mutual matches</td><td>418</td>" in headline and "<td>0.612</td>" in headline
+    assert "<td>linear CKA of the MLP spaces</td><td>–</td>" in headline  # missing, not 'None'
+    own = reports._own_neurons_table({"seed0": SimpleNamespace(stats={"max_corr_median": 0.41, "neurons_for_90pct_median": 1252.0})})
+    assert "<td>0.410</td><td>1,252</td>" in own
+    counts = ("features.n_mutual", "neurons_for_90pct_median", "families.n_all_runs", "own_neurons.n_included")
+    assert {formatting.statistic_spec(k) for k in counts} == {formatting.COUNT}
+    assert {formatting.statistic_spec(k) for k in ("max_corr_median", "features.frac_above_0.5", "cka")} == {".3f"}

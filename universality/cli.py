@@ -266,36 +266,51 @@ def ui(port, host, experiment, results_dir) -> None:
 @main.command()
 @click.argument("run_id", metavar="[RUN]", default="latest")
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default="csv", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--out", type=click.Path(path_type=Path),
               help="Matched feature table; the families table is written beside it (OUT with .families before the suffix), "
                    "and for a dictionary family the feature-splitting table (.splits). For a sweep: its summary table.")
+@click.option("--models", type=click.Path(path_type=Path),
+              help="Folder (created if needed) for every seed's transformer as TransformerLens loads it and its SAE as "
+                   "SAELens loads it on that model: MODELS/seed<N>/config.json, model.safetensors, tokenizer.json, sae/.")
 @RESULTS_DIR
 @TRACKING_URI
-def export(run_id, fmt, out, results_dir, tracking_uri) -> None:
-    """Export a univ run's matched feature table and families, or a sweep's summary table (RUN: an MLflow run id,
-    or 'latest': the latest univ run)."""
-    from universality.outputs import export as export_tables
+def export(run_id, fmt, out, models, results_dir, tracking_uri) -> None:
+    """Export a univ run's matched feature table and families (--out), its models and SAEs for TransformerLens
+    and SAELens (--models), or a sweep's summary table (RUN: an MLflow run id, or 'latest': the latest univ run)."""
     from universality import sweep
+    from universality.outputs import export as export_tables
+    from universality.outputs import transformer_lens
     from universality.tracking import lookups, store
     from universality.tracking.names import KIND
 
-    if not out.parent.is_dir():
-        raise UnivError(f"folder {out.parent} does not exist")
+    if out is None and models is None:
+        raise click.UsageError("give --out, --models or both")
+    for path in (p for p in (out, models) if p is not None):
+        if not path.parent.is_dir():
+            raise UnivError(f"folder {path.parent} does not exist")
     client = store.open_client(results_dir, tracking_uri, read_only=True)
     run = lookups.find_run(client, run_id, kinds=("experiment", "sweep"))
     if run.data.tags[KIND] == "sweep":
+        if models is not None:
+            raise UnivError(f"run {run.info.run_id} is a sweep: --models exports the models of one univ run")
         table = sweep.load_summary(client, run.info.run_id)
         export_tables.write_table(table, out, fmt)
         click.echo(f"sweep {run.info.run_id}: {len(table)} grid points -> {out}")
         return
-    matched, families = lookups.load_tables(client, run.info.run_id)
-    splits = lookups.load_splits(client, run.info.run_id)
-    written = export_tables.write_tables(matched, families, out, fmt)
-    message = f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}"
-    if splits is not None:  # a dictionary family: the parent -> child edges between its sizes
-        export_tables.write_table(splits, export_tables.beside(out, "splits"), fmt)
-        message += f", {len(splits)} split edges -> {export_tables.beside(out, 'splits')}"
-    click.echo(message)
+    exported = transformer_lens.run_exports({seed: lookups.seed_folders(client, run, seed, results_dir)
+                                             for seed in lookups.run_seeds(run)}) if models is not None else []  # read first
+    if out is not None:
+        matched, families = lookups.load_tables(client, run.info.run_id)
+        splits = lookups.load_splits(client, run.info.run_id)
+        written = export_tables.write_tables(matched, families, out, fmt)
+        message = f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}"
+        if splits is not None:  # a dictionary family: the parent -> child edges between its sizes
+            export_tables.write_table(splits, export_tables.beside(out, "splits"), fmt)
+            message += f", {len(splits)} split edges -> {export_tables.beside(out, 'splits')}"
+        click.echo(message)
+    if models is not None:
+        folders = transformer_lens.write_models(models, exported)
+        click.echo(f"run {run.info.run_id}: {', '.join(f.name for f in folders)} (TransformerLens models, SAELens SAEs) -> {models}")
 
 
 @main.command()

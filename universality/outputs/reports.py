@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from universality.runtime.atomic import atomic_path, write_text  # noqa: E402
-from universality.outputs.formatting import number  # noqa: E402
+from universality.outputs.formatting import COUNT, number, statistic_spec  # noqa: E402
 from universality.core.errors import DataError  # noqa: E402
 from universality.outputs.feature_cards import RunSources, render_html  # noqa: E402
 from universality.analysis.own_neurons import NORM_SHARE, OwnNeurons  # noqa: E402
@@ -118,7 +118,7 @@ def _own_neurons_table(own: Mapping[str, OwnNeurons]) -> str:
     """Per seed: how neuron-like its SAE's features are (over included features)."""
     keys = [k for k in next(iter(own.values())).stats if k.startswith(("max_corr_", "frac_above_", "neurons_for_"))]
     head = "".join(f"<th>{k}</th>" for k in keys)
-    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{o.stats[k]:.3f}</td>" for k in keys) + "</tr>"
+    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{number(o.stats[k], statistic_spec(k))}</td>" for k in keys) + "</tr>"
                    for name, o in own.items())
     return (f"<table><tr><th>SAE</th>{head}</tr>{body}</table><p>Max correlation: each feature's highest Pearson "
             "correlation with a single neuron of its own model on the comparison tokens (the paper: features are "
@@ -242,18 +242,18 @@ def ranked_features(matched: pd.DataFrame, seed_a: int, seed_b: int | None = Non
 
 
 def _headline_table(stats: Mapping[str, float]) -> str:
-    rows = [("median max corr, SAE features", stats.get("features.max_corr_median"), PAPER_MEDIAN_MAX_CORR["features"]),
-            ("median max corr, neurons", stats.get("neurons.max_corr_median"), PAPER_MEDIAN_MAX_CORR["neurons"]),
-            ("median max corr, rotated neurons", stats.get("rotation.max_corr_median"), None),
-            ("mean max corr, SAE features", stats.get("features.max_corr_mean"), None),
-            ("fraction of features with a partner above 0.5", stats.get("features.frac_above_0.5"), None),
-            ("mutual matches", stats.get("features.n_mutual"), None),
-            ("median logit-weight corr, mutual matches", stats.get("features.logit_corr_median_mutual"), None),
-            ("linear CKA of the MLP spaces", stats.get("cka"), None),
-            ("median ablation-effect corr, top mutual matches", stats.get("causal.effect_corr_median_top"), None),
-            ("median ablation-effect corr, random feature pairs", stats.get("causal.effect_corr_median_random"), None)]
-    fmt = lambda v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) and not v.is_integer() else f"{v:g}")  # noqa: E731
-    body = "".join(f"<tr><td>{label}</td><td>{fmt(ours)}</td><td>{fmt(paper)}</td></tr>" for label, ours, paper in rows)
+    rows = [("median max corr, SAE features", "features.max_corr_median", PAPER_MEDIAN_MAX_CORR["features"]),
+            ("median max corr, neurons", "neurons.max_corr_median", PAPER_MEDIAN_MAX_CORR["neurons"]),
+            ("median max corr, rotated neurons", "rotation.max_corr_median", None),
+            ("mean max corr, SAE features", "features.max_corr_mean", None),
+            ("fraction of features with a partner above 0.5", "features.frac_above_0.5", None),
+            ("mutual matches", "features.n_mutual", None),
+            ("median logit-weight corr, mutual matches", "features.logit_corr_median_mutual", None),
+            ("linear CKA of the MLP spaces", "cka", None),
+            ("median ablation-effect corr, top mutual matches", "causal.effect_corr_median_top", None),
+            ("median ablation-effect corr, random feature pairs", "causal.effect_corr_median_random", None)]
+    body = "".join(f"<tr><td>{label}</td><td>{number(stats.get(key), statistic_spec(key))}</td><td>{number(paper)}</td></tr>"
+                   for label, key, paper in rows)
     return f"<table><tr><th>statistic</th><th>this run</th><th>paper (A/1 vs B/1)</th></tr>{body}</table>"
 
 
@@ -292,15 +292,15 @@ def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult
     randomized control, features vs their own neurons (``own_section``), feature cards; a dictionary family's
     universality by size (``by_size``, HTML) after the ceiling."""
     per_pair = "".join(
-        f"<tr><td>{p.run_a} vs {p.run_b}</td><td>{p.stats['features.max_corr_median']:.3f}</td>"
-        f"<td>{p.stats['neurons.max_corr_median']:.3f}</td><td>{p.stats['rotation.max_corr_median']:.3f}</td>"
-        f"<td>{p.stats['features.n_mutual']}</td></tr>" for p in pairs)
+        f"<tr><td>{p.run_a} vs {p.run_b}</td><td>{number(p.stats['features.max_corr_median'])}</td>"
+        f"<td>{number(p.stats['neurons.max_corr_median'])}</td><td>{number(p.stats['rotation.max_corr_median'])}</td>"
+        f"<td>{number(p.stats['features.n_mutual'], COUNT)}</td></tr>" for p in pairs)
     per_pair += "".join(
-        f"<tr><td>{p.run_a} vs {p.run_b} (same model)</td><td>{p.stats['features.max_corr_median']:.3f}</td>"
-        f"<td>–</td><td>–</td><td>{p.stats['features.n_mutual']}</td></tr>" for p in replicate_pairs)
+        f"<tr><td>{p.run_a} vs {p.run_b} (same model)</td><td>{number(p.stats['features.max_corr_median'])}</td>"
+        f"<td>–</td><td>–</td><td>{number(p.stats['features.n_mutual'], COUNT)}</td></tr>" for p in replicate_pairs)
     control = ("" if randomized is None else
                f"<p>Randomized-transformer control (weight-shuffled models): median max corr of SAE features "
-               f"{randomized.stats['features.max_corr_median']:.3f}.</p>")
+               f"{number(randomized.stats['features.max_corr_median'])}.</p>")
     pooled = {k: summary.get(f"{k}_mean") for k in ("features.max_corr_median", "neurons.max_corr_median",
                                                      "rotation.max_corr_median", "features.max_corr_mean",
                                                      "features.frac_above_0.5", "features.n_mutual",
@@ -311,7 +311,7 @@ def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult
             + by_size
             + "<h2>SAEs: quality and convergence</h2>" + _sae_table(sae_metrics)
             + "<h2>Headline (mean over pairs)</h2>" + _headline_table(pooled)
-            + f"<p>Feature families spanning every seed: {summary.get('families.n_all_runs', '–')}.</p>" + control
+            + f"<p>Feature families spanning every seed: {number(summary.get('families.n_all_runs'), COUNT)}.</p>" + control
             + "<h2>Pairs</h2><table><tr><th>pair</th><th>features</th><th>neurons</th><th>rotated neurons</th>"
             + f"<th>mutual matches</th></tr>{per_pair}</table>" + figure.html()
             + "<h2>Features vs the neurons of their own model</h2>" + own_section
@@ -343,18 +343,17 @@ def _ceiling_table(summary: Mapping[str, float], n_pairs: int, n_replicate_pairs
             "averages the pairs among the drawn seeds), none with fewer than 3 seeds.</p>")
 
 
-SAE_COLUMNS = (("FVU", "fvu", "{:.3f}"), ("L0", "l0", "{:.1f}"), ("dead", "dead_fraction", "{:.1%}"),
-               ("loss recovered", "loss_recovered", "{:.1%}"),
-               ("converged: activations", "convergence_corr_median", "{:.3f}"),
-               ("converged: decoder", "convergence_decoder_cos_median", "{:.3f}"))
+SAE_COLUMNS = (("FVU", "fvu", ".3f"), ("L0", "l0", ".1f"), ("dead", "dead_fraction", ".1%"),
+               ("loss recovered", "loss_recovered", ".1%"),
+               ("converged: activations", "convergence_corr_median", ".3f"),
+               ("converged: decoder", "convergence_decoder_cos_median", ".3f"))
 
 
 def _sae_table(sae_metrics: Mapping[str, Mapping]) -> str:
     """Each SAE's evaluation on the comparison tokens, and how far it had settled: its features at 75% of
     training matched to its final ones (median max activation correlation; median one-to-one decoder cosine)."""
-    cell = lambda m, key, fmt: fmt.format(m[key]) if key in m else "–"  # noqa: E731
     head = "".join(f"<th>{label}</th>" for label, _, _ in SAE_COLUMNS)
-    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{cell(m, key, fmt)}</td>" for _, key, fmt in SAE_COLUMNS) + "</tr>"
+    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{number(m.get(key), spec)}</td>" for _, key, spec in SAE_COLUMNS) + "</tr>"
                    for name, m in sae_metrics.items())
     return (f"<table><tr><th>SAE</th>{head}</tr>{body}</table><p>Converged: each final feature's max activation "
             "correlation with the SAE as it was at 75% of training (median), and the median cosine of one-to-one "

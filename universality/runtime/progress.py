@@ -10,6 +10,10 @@ results folder on a filesystem every worker shares, so the records live there:
 ``<results>/progress/<session>/<task>.<stage>.json`` (stage 0: the task itself), removed at the end.
 
 Outside a worker task -- one task at a time in the driving process -- ``bar`` is a plain tqdm bar.
+
+Without a terminal (stderr to a file: a batch job, ``nohup``, CI) nothing redraws a line with carriage
+returns: a stage writes one plain line when it starts, one at most every ``LOG_INTERVAL_S`` while it
+runs, and one when it ends, whether its bar draws here or the driver shows a worker's records.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from universality.runtime.atomic import write_text
 RECORD_INTERVAL_S = 1.0  # a worker's bar writes its record at most this often (and always when it opens and closes)
 POLL_INTERVAL_S = 0.5  # the driver reads the records this often
 FIELDS = ("prefix", "n", "total", "initial", "elapsed", "rate", "unit", "postfix")  # of tqdm's format_dict, recorded
+LOG_INTERVAL_S = 30.0  # without a terminal, a running stage writes a line at most this often
+LOG_FORMAT = "{desc}: {percentage:.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+LOG_FORMAT_UNSIZED = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"  # no total: no percentage, no time left
 
 
 @dataclass
@@ -56,7 +63,9 @@ def bar(*args, **kwargs) -> tqdm:
     ``reporting``, written as records for the driving process."""
     sink = _SINK.get()
     if sink is None:
-        return tqdm(*args, **kwargs)
+        if kwargs.get("disable") or is_terminal(kwargs.get("file") or sys.stderr):
+            return tqdm(*args, **kwargs)
+        return _LoggingBar(*args, **kwargs)
     if sink.folder is None or kwargs.get("disable"):
         return tqdm(*args, **{**kwargs, "disable": True})
     sink.stages += 1
@@ -79,6 +88,53 @@ class _RecordingBar(plain_tqdm):
         super().close()
         if closing:
             _write(self.record, {**{k: self.format_dict[k] for k in FIELDS}, "done": True})
+
+
+class _LoggingBar(plain_tqdm):
+    """A bar for a log file: plain lines (``status_line``) when it opens and at most every ``LOG_INTERVAL_S``
+    while it runs, and ``stage_done`` when it closes, written to its ``file``; tqdm's own drawing goes to a
+    discarded buffer."""
+
+    def __init__(self, *args, file: IO[str] | None = None, **kwargs):
+        self.log = file or sys.stderr
+        self.logged_at: float | None = None  # tqdm's __init__ draws (calls display) once
+        super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        now = time.monotonic()
+        closed = self.disable  # tqdm's close() draws once more after disabling the bar: close writes its own line
+        if not closed and (self.logged_at is None or now - self.logged_at >= LOG_INTERVAL_S):
+            self.logged_at = now
+            self._line(status_line({k: self.format_dict[k] for k in FIELDS}))
+        return True
+
+    def close(self) -> None:
+        """The stage's last line, unless it is closed while an error is handled (the error's line follows, as a
+        terminal's bar is cleared then)."""
+        closing = not self.disable and sys.exc_info()[0] is None
+        super().close()
+        if closing:
+            self._line(stage_done(self.format_dict))
+
+    def _line(self, text: str) -> None:
+        self.log.write(text + "\n")
+        self.log.flush()
+
+
+def is_terminal(stream: IO[str]) -> bool:
+    """Whether ``stream`` is a terminal (a stream without ``isatty`` is not)."""
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def status_line(state: dict) -> str:
+    """One plain line of a running stage from its ``FIELDS``: 'SAE relu: 25% 200/800 [01:00<03:01, 3.30step/s, mse=0.02]'."""
+    return plain_tqdm.format_meter(**{k: state[k] for k in FIELDS}, bar_format=LOG_FORMAT if state["total"] else LOG_FORMAT_UNSIZED)
+
+
+def stage_done(state: dict) -> str:
+    """'SAE relu done in 02:10 (mse=0.012, l0=17.3)' from a stage's prefix, elapsed time and postfix."""
+    postfix = f" ({state['postfix']})" if state.get("postfix") else ""
+    return f"{state['prefix']} done in {tqdm.format_interval(state['elapsed'])}{postfix}"
 
 
 def _write(record: Path, state: dict) -> None:
@@ -165,6 +221,8 @@ class Display:
     live: bool
     listed: set[tuple[int, int]] = field(default_factory=set)  # finished (task, stage) records already listed
     lines: list[_Line] = field(default_factory=list)
+    started: set[tuple[int, int]] = field(default_factory=set)  # not live: running stages already logged once
+    logged_at: float | None = None  # not live: when the running stages were last logged
 
     def __post_init__(self) -> None:
         if self.live:
@@ -181,11 +239,26 @@ class Display:
             if record["done"] and (task, stage) not in self.listed:
                 self.listed.add((task, stage))
                 plain_tqdm.write(finished_line(self.labels[task], record), file=self.file)
+        if not self.live:
+            self.log_running(records)
         for task, line in enumerate(self.lines):
             stages = {stage: r for (t, stage), r in records.items() if t == task}
             if stages:
                 line.shown, line.bar_format = live_state(self.labels[task], stages)
                 line.refresh()
+
+    def log_running(self, records: dict[tuple[int, int], dict]) -> None:
+        """Without live lines: a line for each stage when it is first seen running, and for every running
+        stage at most every ``LOG_INTERVAL_S``."""
+        now = time.monotonic()
+        due = self.logged_at is None or now - self.logged_at >= LOG_INTERVAL_S
+        running = [(key, r) for key, r in sorted(records.items()) if not r["done"] and "prefix" in r]
+        for key, record in running:
+            if due or key not in self.started:
+                self.started.add(key)
+                plain_tqdm.write(f"{self.labels[key[0]]}: {status_line(record)}", file=self.file)
+        if due:
+            self.logged_at = now
 
     def close(self) -> None:
         for line in reversed(self.lines):
@@ -204,11 +277,9 @@ def read_records(folder: Path) -> dict[tuple[int, int], dict]:
 
 def finished_line(label: str, record: dict) -> str:
     """'seed0: SAE relu done in 02:10 (mse=0.012, l0=17.3)', or 'seed0: finished in 05:30' for the task."""
-    took = tqdm.format_interval(record["elapsed"])
     if "prefix" not in record:
-        return f"{label}: finished in {took}"
-    postfix = f" ({record['postfix']})" if record.get("postfix") else ""
-    return f"{label}: {record['prefix']} done in {took}{postfix}"
+        return f"{label}: finished in {tqdm.format_interval(record['elapsed'])}"
+    return f"{label}: {stage_done(record)}"
 
 
 def live_state(label: str, stages: dict[int, dict]) -> tuple[dict, str | None]:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm.auto import tqdm
 
 from universality.core.config import DataConfig
 from universality.text.corpus import Corpus
 from universality.core.errors import DataError
+from universality.runtime.progress import bar as progress_bar
 
 END_OF_TEXT = "<|endoftext|>"
 SPLIT_SEED = 0  # the document order is part of the data, never of a run's seed
@@ -63,7 +63,7 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str], max_tokens: int
     dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max else np.uint32
     chunks, total = [], 0
     batch = 64
-    with tqdm(total=max_tokens or None, desc="tokenizing", unit="tok", leave=False) as bar:
+    with progress_bar(total=max_tokens or None, desc="tokenizing", unit="tok", leave=False) as bar:
         for start in range(0, len(documents), batch):
             for enc in tokenizer.encode_batch(documents[start : start + batch]):
                 ids = np.asarray(enc.ids + [eot], dtype=dtype)

@@ -93,6 +93,11 @@ def seed_sources(client: MlflowClient, parent, seed: int, results_dir: Path, siz
                             int(params["compare.context_tokens"]), vocab_strings(load_tokenizer(folders[0] / "tokenizer.json")))
 
 
+def run_seeds(parent) -> list[int]:
+    """The seeds of a univ run, as it was started."""
+    return [int(seed) for seed in parent.data.params["seeds"].split(",")]
+
+
 def run_sizes(parent) -> tuple[int, ...]:
     """The dictionary sizes of a univ run, ascending (one, the primary, unless it fitted a family)."""
     params = parent.data.params
