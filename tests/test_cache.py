@@ -117,6 +117,25 @@ def test_verified_hashes_are_reused_only_for_files_older_than_a_timestamp_tick(t
     assert len(hashed) == 3  # hashed once more, then trusted while size, times and inode stay
 
 
+def test_another_process_trusts_the_verified_memo_until_a_file_changes(tmp_path, monkeypatch):
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    weights = folder / "weights.bin"
+    weights.write_bytes(b"\x01" * 1000)
+    cache.mark_complete(folder, {}, "a test stage")
+    monkeypatch.setattr(cache, "TIMESTAMP_TICK_NS", -10**18)  # as if the files were old
+    assert cache.is_complete(folder)  # hashed, and remembered in the folder
+    assert (folder / cache.MEMO).is_file() and cache.MEMO not in json.loads((folder / cache.DONE).read_text())["files"]
+    hashed = []
+    real = cache.file_sha256
+    monkeypatch.setattr(cache, "file_sha256", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setattr(cache, "_verified", {})  # a new process: nothing remembered in memory
+    assert cache.is_complete(folder) and hashed == []  # trusted from the memo
+    monkeypatch.setattr(cache, "_verified", {})
+    weights.write_bytes(b"\x02" * 1000)  # the same size: only its times tell
+    assert not cache.is_complete(folder) and hashed == [weights]
+
+
 def test_damaged_training_checkpoint_is_ignored(tmp_path):
     resume.save(tmp_path, {"w": torch.ones(4)}, {"step": 3})
     tensors, state = resume.load(tmp_path)

@@ -6,7 +6,10 @@ finds the folder complete and skips the work, and any change lands in a new fold
 
 A folder is complete once its ``done.json`` exists and every file it lists still has the size and
 sha256 recorded there; ``done.json`` is written last, atomically. A truncated or corrupted file
-therefore reads as "not complete" and the stage is recomputed. A lock file per folder keeps two
+therefore reads as "not complete" and the stage is recomputed. Once a folder's hashes have matched, the
+stat signature of its files (size, times, inode) is kept in ``.verified.json`` inside it, so later
+processes trust the files without hashing them again while that signature holds (a cached re-run
+then reads no large file twice). A lock file per folder keeps two
 processes from building the same stage at once: the second waits, then finds the stage complete.
 Locks are ``fcntl.flock`` locks: with several machines, the results folder must be on a shared
 filesystem whose locks work across hosts (NFSv4, Lustre, GPFS); elsewhere two hosts may build the
@@ -29,11 +32,12 @@ from universality.runtime.atomic import write_text
 
 DONE = "done.json"
 LOCK = ".lock"
+MEMO = ".verified.json"  # the stat signature of the folder's files when their hashes last matched
 SCRATCH = "resume"  # a stage's resumable training checkpoints: not part of its output
 STAGES = ("data", "model", "sae", "evaluation", "activations", "own_neurons", "pair", "split")  # folders, in data-flow order
 _HASH_CHUNK = 1 << 22
 TIMESTAMP_TICK_NS = 2_000_000_000  # the coarsest file timestamp step allowed for (FAT, SMB: 2 s; ext4: a jiffy)
-_verified: dict[Path, tuple] = {}  # stage folder -> stat signature of its files when their hashes last matched
+_verified: dict[Path, list] = {}  # stage folder -> stat signature of its files when their hashes last matched (MEMO's)
 _locked_at: dict[Path, float] = {}  # stage folder -> when this process took its lock (build time in done.json)
 
 
@@ -93,35 +97,49 @@ def _intact(directory: Path, files: dict[str, dict[str, Any]], hashes: bool) -> 
     return True
 
 
-def _signature(directory: Path, names: list[str]) -> tuple | None:
-    """(name, size, mtime, ctime, inode) of each file: a replaced file has a new inode, a rewritten one new
+def _signature(directory: Path, names: list[str]) -> list | None:
+    """[name, size, mtime, ctime, inode] of each file: a replaced file has a new inode, a rewritten one new
     times, except a same-size rewrite within one timestamp tick (``_remember`` allows for that)."""
     try:
         stats = [(directory / name).stat() for name in names]
     except OSError:
         return None
-    return tuple((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for name, st in zip(names, stats))
+    return [[name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] for name, st in zip(names, stats)]
 
 
-def _remember(directory: Path, signature: tuple | None, taken_ns: int) -> None:
+def _trusted(directory: Path, signature: list) -> bool:
+    """Whether ``signature`` is the one the folder's files had when this process, or any before it (``MEMO``),
+    last found their hashes matching."""
+    if _verified.get(directory) == signature:
+        return True
+    try:
+        return json.loads((directory / MEMO).read_text()) == signature
+    except (OSError, ValueError):
+        return False
+
+
+def _remember(directory: Path, signature: list | None, taken_ns: int) -> None:
     """Trust ``signature`` (taken at ``taken_ns``) next time only if no file changed within a timestamp tick
     before it: a second same-size change in that tick would leave it as it is (git's "racily clean" rule),
-    so a folder written just now is hashed again when next checked."""
+    so a folder written just now is hashed again when next checked. Kept in ``MEMO`` for other processes
+    (where the folder is writable: a read-only results folder is hashed each time)."""
     if signature is not None and all(ctime < taken_ns - TIMESTAMP_TICK_NS for *_, ctime, _ in signature):
         _verified[directory] = signature
+        with contextlib.suppress(OSError):
+            write_text(directory / MEMO, json.dumps(signature))
     else:
         _verified.pop(directory, None)
 
 
 def is_complete(directory: Path) -> bool:
     """Whether the stage finished and its files are intact (sizes and sha256 as recorded). Files
-    hashed once in this process are not hashed again while their size, times and inode stay the same."""
+    hashed once (in any process) are not hashed again while their size, times and inode stay the same."""
     done = _read_done(directory)
     if done is None:
         return False
     taken = time.time_ns()
     signature = _signature(directory, [DONE, *done["files"]])
-    if signature is not None and _verified.get(directory) == signature:
+    if signature is not None and _trusted(directory, signature):
         return True
     intact = signature is not None and _intact(directory, done["files"], hashes=True)
     if intact:
