@@ -220,3 +220,28 @@ def test_metric_names_put_the_answer_first_and_every_statistic_in_a_section():
     assert table.to_dict("records") == [
         {"statistic": "features.max_corr_median_mean", "decile0": 0.125, "decile3": 0.25},
         {"statistic": "randomized.neurons.n", "decile0": 7.0, "decile3": pytest.approx(float("nan"), nan_ok=True)}]
+
+
+@pytest.mark.slow
+def test_a_cached_rerun_links_to_the_logged_run_and_logs_nothing_twice(tmp_path):
+    args = ["run", "--seeds", "2", "--preset", "tiny", "--sae-replicates", "0", "--results-dir", str(tmp_path / "r")]
+    runner = CliRunner()
+    assert runner.invoke(main, args).exit_code == 0
+    client = MlflowClient(store.embedded_uri(tmp_path / "r"))
+    [original] = univ_runs(client)["experiment"]
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0 and f"a re-run of {original.info.run_id}" in again.output, again.output
+    rerun = univ_runs(client)["experiment"][0]
+    assert rerun.info.status == "FINISHED" and rerun.data.tags[names.SAME_AS] == original.info.run_id
+    assert not client.search_runs([rerun.info.experiment_id], f"tags.`mlflow.parentRunId` = '{rerun.info.run_id}'")
+    assert artifacts(client, rerun.info.run_id) == {names.DECILES}  # its statistics by density decile; no report, no table
+    statistics = lambda run: {k: v for k, v in run.data.metrics.items() if k != "tracking/seconds"}  # noqa: E731
+    assert statistics(rerun) == statistics(original) and statistics(rerun)
+    assert lookups.find_run(client, "latest").info.run_id == original.info.run_id  # what export, features, steer read
+    assert lookups.find_run(client, rerun.info.run_id).info.run_id == original.info.run_id
+    settings = tmp_path / "fewer_bootstraps.toml"
+    settings.write_text("[compare]\nn_bootstrap = 50\n")  # a reporting setting: every stage cached, the summary not
+    changed = runner.invoke(main, [*args, "--config", str(settings)])
+    assert changed.exit_code == 0 and "a re-run" not in changed.output, changed.output
+    newest = univ_runs(client)["experiment"][0]
+    assert names.SAME_AS not in newest.data.tags and names.TABLES["matched"] in artifacts(client, newest.info.run_id)

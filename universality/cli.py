@@ -152,9 +152,10 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, trac
     engine = Engine(jobs, backend, scheduler)
     with tracked_run(results_dir, tracking_uri, experiment, cfg, chosen) as tracker:
         result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device, engine=engine)
-        publish(tracker, result)
+        original = publish(tracker, result)
     click.echo(describe(result))
-    click.echo(f"MLflow run {tracker.run_id} in {tracker.client.tracking_uri} (tracking took {tracker.seconds:.1f} s)")
+    rerun = "" if original is None else f", a re-run of {original} (its child runs, reports and tables: nothing logged twice)"
+    click.echo(f"MLflow run {tracker.run_id} in {tracker.client.tracking_uri}{rerun} (tracking took {tracker.seconds:.1f} s)")
 
 
 def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):

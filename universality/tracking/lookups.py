@@ -21,12 +21,19 @@ from universality.measures import splitting
 from universality.outputs import export, split_report
 from universality.outputs.feature_cards import RunSources, load_run_sources, vocab_strings
 from universality.runtime import cache
-from universality.tracking.names import KIND, TABLES
+from universality.tracking.names import KIND, SAME_AS, TABLES
 
 
 def find_run(client: MlflowClient, run: str, kinds: Sequence[str] = ("experiment",)):
     """A univ run of one of ``kinds`` by id, or ``latest``: the newest finished univ run (an
-    ``experiment``, whatever ``kinds`` allows) in any experiment."""
+    ``experiment``, whatever ``kinds`` allows) in any experiment. A cached re-run (``SAME_AS``) stands for the
+    run that logged its outputs: that run is returned."""
+    found = _find_run(client, run, kinds)
+    original = found.data.tags.get(SAME_AS)
+    return found if original is None else _find_run(client, original, kinds)
+
+
+def _find_run(client: MlflowClient, run: str, kinds: Sequence[str]):
     if run == "latest":
         ids = [e.experiment_id for e in client.search_experiments()]
         runs = client.search_runs(ids, filter_string=f"tags.`{KIND}` = 'experiment' and attributes.status = 'FINISHED'",

@@ -14,6 +14,8 @@ from mlflow.entities import Metric
 KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair | steer (univ steer --log)
 TABLES = {"matched": "tables/matched_features.parquet", "families": "tables/matched_features.families.parquet"}
 DECILES = "tables/deciles.json"  # a parent's and each pair's statistics by feature-density decile
+FINGERPRINT = "univ.fingerprint"  # on a logged parent run: what its logged outputs depend on (``tracker.fingerprint``)
+SAME_AS = "univ.same_as"  # on a re-run's parent: the run that logged its children, reports and tables
 
 
 # MLflow's UI groups a run's charts into sections by the name's prefix before a "/", in code-point

@@ -11,6 +11,8 @@ never one call per step). An exception marks the open runs FAILED, Ctrl-C marks 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from universality.core.config import ExperimentConfig
 from universality.core.run_names import is_control, pair_name, size_of
-from universality.tracking.names import DECILES, KIND, curves, decile_table, metrics_from
+from universality.tracking.names import DECILES, FINGERPRINT, KIND, SAME_AS, curves, decile_table, metrics_from
 from universality.tracking.store import experiment_id, open_client
 
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -45,6 +47,23 @@ def git_revision() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def fingerprint(result, results_dir: Path) -> str:
+    """What a finished run logs depends on: every stage folder it read (their keys), its runs' names, the whole
+    config (reporting settings too), the results folder and the code's versions. Two runs with the same
+    fingerprint log the same statistics, reports and tables."""
+    payload = {"stages": [f"{f.parent.name}/{f.name}" for f in result.stage_folders], "runs": list(result.models),
+               "config": result.cfg.flat(), "results_dir": str(Path(results_dir).resolve()),
+               "versions": package_versions(), "revision": git_revision()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def logged_run(client: MlflowClient, experiment: str, key: str) -> str | None:
+    """The id of a finished run of ``experiment`` that logged everything for fingerprint ``key`` itself (not a link)."""
+    runs = client.search_runs([experiment], filter_string=f"tags.`{FINGERPRINT}` = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"])
+    return next((run.info.run_id for run in runs if SAME_AS not in run.data.tags), None)
 
 
 @dataclass
@@ -101,6 +120,16 @@ class Tracker:
         self._log_statistics(self.run_id, result.summary,
                              params={"corpus.source": dataset.corpus_source, "corpus.fingerprint": dataset.corpus_fingerprint},
                              tags={"univ.data_dir": str(dataset.directory.resolve())})  # absolute: usable from any folder
+        self.seconds += time.perf_counter() - start
+        self.log(self.run_id, metrics_from({"tracking.seconds": self.seconds}))
+
+    def link(self, result, original: str, key: str) -> None:
+        """A re-run whose every output ``original`` has logged already: the parent gets the summary statistics
+        (so it charts beside the others) and a link to ``original``, whose children, reports and tables hold the
+        rest; nothing is logged twice."""
+        start = time.perf_counter()
+        self._log_statistics(self.run_id, result.summary, tags={SAME_AS: original, FINGERPRINT: key,
+                                                                "univ.data_dir": str(result.dataset.directory.resolve())})
         self.seconds += time.perf_counter() - start
         self.log(self.run_id, metrics_from({"tracking.seconds": self.seconds}))
 
