@@ -77,3 +77,13 @@ def test_a_runs_metric_charts_open_on_the_headline_section(univ_ui, tmp_path):
     sections = re.findall(r"(\S+) \((\d+)\) Add chart", text)
     assert sections[0][0] == names.HEADLINE and int(sections[0][1]) <= 6, sections
     assert {"features", "neurons", "thresholds", "counts"} <= {name for name, _ in sections}
+
+
+def test_the_run_link_univ_run_prints_opens_the_run_in_the_model_training_view(univ_ui, tracked_tiny, tmp_path):
+    url, _ = univ_ui
+    _, output = tracked_tiny
+    printed = re.search(r"open it: (\S+)\s+\(after `univ ui`\)", output).group(1)
+    link = f"{url.split('/#/')[0]}/#/{printed.split('/#/')[1]}"  # the same page on this test's port
+    text = page_text(link, tmp_path / "profile")
+    assert "tiny-2-seeds" in text and "Child runs" in text and "seed0-vs-seed1" in text, text  # the parent's page
+    assert "Model metrics" in text, text  # the Model training view's tabs, not the GenAI view's

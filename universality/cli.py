@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from universality.runtime.cache import STAGES
-from universality.core.config import DEFAULT_EXPERIMENT, DEFAULT_PRESET, preset_names
+from universality.core.config import DEFAULT_EXPERIMENT, DEFAULT_PRESET, UI_HOST, UI_PORT, preset_names
 from universality.core.errors import UnivError, first_line, from_os_error
 
 
@@ -156,6 +156,15 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, trac
     click.echo(describe(result))
     rerun = "" if original is None else f", a re-run of {original} (its child runs, reports and tables: nothing logged twice)"
     click.echo(f"MLflow run {tracker.run_id} in {tracker.client.tracking_uri}{rerun} (tracking took {tracker.seconds:.1f} s)")
+    click.echo(run_link(tracker.client.tracking_uri, tracker.experiment_id, tracker.run_id))
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The line that opens a run in the MLflow UI (Model training view): on a tracking server, or through ``univ ui``."""
+    from universality.tracking import store
+
+    server, serving = store.ui_server(tracking_uri)
+    return f"open it: {store.run_url(server, experiment_id, run_id)}" + ("" if serving else "  (after `univ ui`)")
 
 
 def _grid(ctx: click.Context, param: click.Parameter, specs: tuple[str, ...]):
@@ -195,6 +204,7 @@ def sweep(axes, stats, seeds, seed_list, preset, config_file, corpus, results_di
     click.echo(sweeps.format_table(result.table))
     click.echo(f"summary table and figure in {result.files[0].parent}")
     click.echo(f"MLflow sweep run {result.run_id} in {result.tracking_uri}")
+    click.echo(run_link(result.tracking_uri, result.experiment_id, result.run_id))
 
 
 @main.command()
@@ -244,8 +254,8 @@ def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, 
 
 
 @main.command()
-@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
+@click.option("--port", type=click.IntRange(1, 65535), default=UI_PORT, show_default=True)
+@click.option("--host", default=UI_HOST, show_default=True, help="Interface to listen on (loopback by default).")
 @EXPERIMENT
 @RESULTS_DIR
 def ui(port, host, experiment, results_dir) -> None:

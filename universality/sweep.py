@@ -160,6 +160,7 @@ def write_summary(table: pd.DataFrame, figure: reports.Figure, folder: Path, nam
 class SweepResult:
     run_id: str  # the sweep's MLflow parent run
     tracking_uri: str
+    experiment_id: str
     table: pd.DataFrame
     files: list[Path]  # the summary table and figure under <results>/reports/<run_id>/
 
@@ -200,7 +201,7 @@ def run_sweep(axes: Sequence[Axis], points: Sequence[Point], seeds: list[int], r
                 sweep.client.log_artifact(sweep.run_id, str(path), SUMMARY_ARTIFACTS)
             shown = ", ".join(f"{stat.removesuffix('_mean')} {rows[-1][stat]:.3f}" for stat in stats)
             echo(f"[{i}/{len(points)}] {point.label}: {shown} ({wall:.1f} s, MLflow run {tracker.run_id})")
-    return SweepResult(sweep.run_id, sweep.client.tracking_uri, table, files)
+    return SweepResult(sweep.run_id, sweep.client.tracking_uri, sweep.experiment_id, table, files)
 
 
 def load_summary(client, run_id: str) -> pd.DataFrame:

@@ -24,6 +24,7 @@ from universality.core.errors import ConfigError
 
 DEFAULT_PRESET = "quick"
 DEFAULT_EXPERIMENT = "univ"  # the MLflow experiment univ runs are logged to
+UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `univ ui` serves a results folder's embedded store by default
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
+from universality.core.config import UI_HOST, UI_PORT
 from universality.core.errors import UnivError, first_line
 
 HEALTH_TIMEOUT_S = 5
@@ -95,7 +96,23 @@ def experiment_id(client: MlflowClient, name: str, results_dir: Path) -> str:
                                     tags={"mlflow.experimentKind": "custom_model_development"})
 
 
+MODEL_TRAINING = "workflowType=machine_learning"  # MLflow 3's UI opens in its GenAI mode unless asked for this view
+
+
 def ui_url(server: str, experiment_id: str) -> str:
-    """The experiment's runs table in the MLflow UI served at ``server``. MLflow 3's UI opens in its GenAI
-    mode (traces, evaluations) whatever the experiment's kind; the query selects model training."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    """The experiment's runs table in the MLflow UI served at ``server``, in the Model training view (MLflow 3's UI
+    opens in its GenAI mode, traces and evaluations, whatever the experiment's kind)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING}"
+
+
+def run_url(server: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI served at ``server``, in the Model training view."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING}"
+
+
+def ui_server(tracking_uri: str) -> tuple[str, bool]:
+    """(the UI address of a tracking store, whether it serves it already): a tracking server is its own UI;
+    an embedded store is served by ``univ ui`` at its default address."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri, True
+    return f"http://{UI_HOST}:{UI_PORT}", False
