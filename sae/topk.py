@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sae.base import SAE, SAELoss
@@ -34,7 +35,7 @@ class TopKSAE(SAE):
         active = Active.at(self.top_k(pre_BF.detach())[1], self.d_sae)
         f_N = self._active_features(x_BD, pre_BF, active)
         x_hat_BD = decode_active(f_N, active, self.W_dec) + self.b_dec
-        mse = (x_hat_BD - x_BD).pow(2).mean()
+        mse = F.mse_loss(x_hat_BD, x_BD)  # one fused kernel each way
         aux = self.aux_loss(x_BD, x_hat_BD, pre_BF, dead_F)
         f_N = f_N.detach()
         return SAELoss(mse + aux, mse, f_N.sum() / len(x_BD), aux, active.fires(f_N))
