@@ -7,13 +7,15 @@ latents are a list of N (row, latent) pairs (``Active``), and the products becom
 - decoder forward  x̂_b = Σ_n f_n W_dec[latent_n] over the pairs of row b: ``embedding_bag`` (sum, weighted);
 - feature gradient g_f,n = g_x̂[row_n] · W_dec[latent_n]: a sampled product (``torch.sparse.sampled_addmm``);
 - weight gradients gW[l] = Σ_n w_n Y[row_n] over the pairs of latent l (W_dec: w = f, Y = g_x̂; W_encᵀ:
-  w = g_pre, Y = x̄): ``embedding_bag`` over the pairs grouped by latent, in the matmul dtype (bf16 halves
-  the bytes it gathers; it accumulates in float32, as the dense bf16 matmul does).
+  w = g_pre, Y = x̄): ``embedding_bag`` over the pairs grouped by latent.
 
 Each was the fastest of gather/scatter, ``index_add``, CSR products and ``embedding_bag`` on a 2-core
-AVX512-BF16 CPU (benchmarks/bench_sae.py prints the step it gives). The parameters, Adam, the L1
-gradient, the unit-norm constraint and resampling see exactly what the dense step gives them, up to
-float rounding (tests/test_sparse_step.py checks it against the dense float64 reference).
+AVX512-BF16 CPU (gathers of [N, D] rows and ``index_add`` were 100x slower; CSR products 1.5-2x).
+They run in the parameters' dtype (float32): with bf16 training the features are bf16-rounded already
+(they come from the bf16 encoder matmul), and bf16 copies of the [B, D] and [F, D] operands cost what
+they saved. The parameters, Adam, the L1 gradient, the unit-norm constraint and resampling see what the
+dense step gives them, up to float rounding (tests/test_sparse_step.py: the dense float64 reference,
+gradcheck, and the dense bf16 step).
 
 When to use it (``sparse_max_density``): on CPU while at most ``CPU_SPARSE_MAX_DENSITY`` of the batch's
 [B, F] entries are active (the first steps of a ReLU SAE are far denser: there the dense step is faster);
