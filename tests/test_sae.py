@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -25,14 +26,19 @@ from universality.core.config import SAEConfig
 from universality.core.errors import DataError, TrainingDiverged
 
 
-def sparse_superposition(n: int, n_true: int = 256, d: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_superposition(n: int, n_true: int = 256, d: int = 64, seed: int = 0, heavy_tail: float = 0.0,
+                         offset: float = 0.0, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations built from a known dictionary: each of ``n_true`` unit directions in ``d`` dims
-    fires with probability 0.3-3% at a magnitude in [1, 2]; plus small Gaussian noise."""
+    fires with probability 0.3-3% at a magnitude in [1, 2] (``heavy_tail`` > 0: lognormal with that σ and
+    median 1 instead); plus small Gaussian noise, a fixed centre of norm ``offset``, all times ``scale``."""
     rng = np.random.default_rng(seed)
     dirs = rng.standard_normal((n_true, d))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     on = rng.random((n, n_true)) < rng.uniform(0.003, 0.03, n_true)
-    x = (rng.uniform(1.0, 2.0, (n, n_true)) * on) @ dirs + 0.01 * rng.standard_normal((n, d))
+    magnitudes = rng.lognormal(0.0, heavy_tail, (n, n_true)) if heavy_tail > 0 else rng.uniform(1.0, 2.0, (n, n_true))
+    centre = rng.standard_normal(d)
+    centre *= offset / np.linalg.norm(centre)
+    x = scale * ((magnitudes * on) @ dirs + 0.01 * rng.standard_normal((n, d)) + centre)
     return torch.tensor(x, dtype=torch.float32), torch.tensor(dirs, dtype=torch.float32)
 
 
@@ -64,6 +70,22 @@ def test_train_sae_defaults_recover_a_planted_dictionary(planted, tmp_path, one_
     assert result.exit_code == 0, result.output
     W_dec = load_sae(tmp_path / "sae").W_dec.detach()
     assert (true_dirs @ (W_dec / W_dec.norm(dim=1, keepdim=True)).T).max(dim=1).values.mean() >= 0.95
+
+
+def test_train_sae_defaults_recover_heavy_tailed_off_centre_rescaled_features(tmp_path, one_thread):
+    """The defaults on harder data: lognormal magnitudes (σ 0.5: a tenth of the firings above 1.9x the
+    median, a tenth below 0.53x), inputs off-centre (a fixed centre of norm 3, about half the typical
+    signal norm) and far from unit scale (x 37). The planted directions are found (mean best cosine >= 0.95)
+    with an L0 near the planted one (at most 2.5x; λ ∝ 1/√d gave 5x here). All the default samples: at a
+    quarter or half of them (or half the rows) the dictionary is not found yet (0.77-0.92)."""
+    x, true_dirs = sparse_superposition(100_000, heavy_tail=0.5, offset=3.0, scale=37.0)
+    planted_l0 = 256 * (0.003 + 0.03) / 2  # n_true x the mean firing probability
+    np.save(tmp_path / "acts.npy", x.numpy())
+    result = CliRunner().invoke(main, ["train-sae", str(tmp_path / "acts.npy"), "--out", str(tmp_path / "sae")])
+    assert result.exit_code == 0, result.output
+    W_dec = load_sae(tmp_path / "sae").W_dec.detach()
+    assert (true_dirs @ (W_dec / W_dec.norm(dim=1, keepdim=True)).T).max(dim=1).values.mean() >= 0.95
+    assert json.loads((tmp_path / "sae" / "metrics.json").read_text())["l0"] <= 2.5 * planted_l0
 
 
 @pytest.mark.parametrize("arch, samples, extra", [
@@ -109,48 +131,16 @@ def test_decoder_rows_stay_unit_norm_and_parallel_grad_is_removed():
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk"])
-def test_fast_loss_matches_dense_autograd_reference(arch):
-    """ReLUSAE.loss fuses the L1 gradient into the ReLU, TopKSAE.loss decodes sparsely (only the k active
-    latents); both against SAE.loss, the plain dense autograd reference, in float64, dead latents included
-    (AuxK), through the custom encoder backward."""
-    torch.manual_seed(0)
-    sae = build_sae(small_cfg(arch=arch, dict_size=64, l1_coeff=0.1), 16).double()
-    with torch.no_grad():
-        sae.b_dec.normal_()
-        sae.b_enc.normal_(std=0.3)
-    x = torch.randn(128, 16, dtype=torch.float64)
-    dead = torch.arange(64) < 20
-    results = []
-    for loss_fn in (type(sae).loss, SAE.loss):
-        sae.zero_grad()
-        out = loss_fn(sae, x, dead)
-        out.loss.backward()
-        results.append((out, {name: p.grad.clone() for name, p in sae.named_parameters()}))
-    (fast, fast_grads), (ref, ref_grads) = results
-    assert ref.aux > 0 if arch == "topk" else ref.aux == 0
-    for field in ("loss", "mse", "l1", "aux"):
-        assert torch.allclose(getattr(fast, field), getattr(ref, field), rtol=1e-12, atol=0), field
-    assert torch.equal(fast.fires_F, ref.fires_F) and int(ref.fires_F.sum()) > 0
-    for name, grad in ref_grads.items():
-        assert grad.abs().max() > 0
-        assert torch.allclose(fast_grads[name], grad, rtol=1e-10, atol=1e-14), name
-
-
-def test_encoder_and_sparse_decoder_backward_match_finite_differences():
-    """The two hand-written backwards (the encoder's one-matmul W_enc gradient and b_dec through a
-    matrix-vector product; the sparse decoder's sampled value gradient), checked by gradcheck in float64."""
+def test_encoder_backward_matches_finite_differences():
+    """The hand-written encoder backward (the one-matmul W_enc gradient and b_dec through a
+    matrix-vector product), checked by gradcheck in float64. (The losses against the dense reference
+    and the sparse step's backwards: tests/test_sparse_step.py.)"""
     from sae.base import _Encoder
-    from sae.topk import _SparseDecode
 
     g = torch.Generator().manual_seed(0)
     x, W_enc, b_enc, b_dec = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
                               for shape in ((6, 4), (4, 5), (5,), (4,)))
     assert torch.autograd.gradcheck(lambda *a: _Encoder.apply(*a, torch.float64), (x, W_enc, b_enc, b_dec))
-    idx = torch.stack([torch.randperm(7, generator=g)[:3].sort().values for _ in range(6)])
-    vals = torch.rand(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    W_dec = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v, W: _SparseDecode.apply(v, idx, W), (vals, W_dec))
 
 
 def test_bf16_loss_and_gradients_follow_fp32():

@@ -26,7 +26,7 @@ from universality.runtime import cache
 from universality.stages.data import Dataset
 from universality.stages.model import RunModel
 
-STAGE = cache.Stage("sae", 3)  # 2: training only (its evaluation is the evaluation stage); replicates. 3: bf16 matmuls, LR decay, snapshot, resampling until late
+STAGE = cache.Stage("sae", 4)  # 2: training only (its evaluation is the evaluation stage); replicates. 3: bf16 matmuls, LR decay, snapshot, resampling until late. 4: sparse steps on CPU (equal to the dense step within float rounding, not bit for bit)
 REPLICATE_SEED_STRIDE = 1_000_003  # replicate r of a model seeded s trains with SAE seed s + r * stride
 
 

@@ -1,0 +1,176 @@
+"""The sparse SAE step: the encoder's forward product is dense, every other product runs over the active latents.
+
+With L0 ≈ 18 of 2,048 latents, the decoder's forward product, both weight gradients and the gradient into
+the features touch under 1% of what their dense [B, F] x [F, D]-sized matmuls do. Here a batch's active
+latents are a list of N (row, latent) pairs (``Active``), and the products become:
+
+- decoder forward  x̂_b = Σ_n f_n W_dec[latent_n] over the pairs of row b: ``embedding_bag`` (sum, weighted);
+- feature gradient g_f,n = g_x̂[row_n] · W_dec[latent_n]: a sampled product (``torch.sparse.sampled_addmm``);
+- weight gradients gW[l] = Σ_n w_n Y[row_n] over the pairs of latent l (W_dec: w = f, Y = g_x̂; W_encᵀ:
+  w = g_pre, Y = x̄): ``embedding_bag`` over the pairs grouped by latent.
+
+Each was the fastest of gather/scatter, ``index_add``, CSR products and ``embedding_bag`` on a 2-core
+AVX512-BF16 CPU (gathers of [N, D] rows and ``index_add`` were 100x slower; CSR products 1.5-2x).
+They run in the parameters' dtype (float32): with bf16 training the features are bf16-rounded already
+(they come from the bf16 encoder matmul), and bf16 copies of the [B, D] and [F, D] operands cost what
+they saved. The parameters, Adam, the L1 gradient, the unit-norm constraint and resampling see what the
+dense step gives them, up to float rounding (tests/test_sparse_step.py: the dense float64 reference,
+gradcheck, and the dense bf16 step).
+
+When to use it (``sparse_max_density``): on CPU while at most ``CPU_SPARSE_MAX_DENSITY`` of the batch's
+[B, F] entries are active (the first steps of a ReLU SAE are far denser: there the dense step is faster);
+on CUDA never, for now: cuBLAS's dense bf16 matmuls are not measured against these kernels there.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# The CSR pattern below is built correct by construction; torch warns once per process that CSR is "beta".
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+
+# The density of active [B, F] entries up to which the sparse step is taken on CPU. benchmarks/bench_sae.py
+# --densities (bf16, batch 1,024, a busy 2-core machine): 1.2-3x faster than the dense step at 2%, as fast
+# at about 5% (its costs grow with the active pairs, the dense step's do not), slower at 50% (the first steps).
+CPU_SPARSE_MAX_DENSITY = 0.05
+
+
+def sparse_max_density(device: str | torch.device) -> float:
+    """The active density up to which the trainer takes the sparse step on ``device`` (0: always dense)."""
+    return CPU_SPARSE_MAX_DENSITY if torch.device(device).type == "cpu" else 0.0
+
+
+class Active(NamedTuple):
+    """The active (row, latent) pairs of a [B, F] batch of features, in row-major order, and the same
+    pairs grouped by latent (for the weight gradients)."""
+
+    rows_N: Tensor  # [N] int64, ascending
+    latents_N: Tensor  # [N] int64, ascending within each row
+    row_starts_B: Tensor  # [B] int64: where each row's pairs start (embedding_bag offsets)
+    by_latent_N: Tensor  # [N] int64: the pair order grouped by latent (stable: rows ascending within a latent)
+    rows_by_latent_N: Tensor  # [N] int64: rows_N in that order
+    latent_starts_F: Tensor  # [F] int64: where each latent's pairs start in that order
+    shape: tuple[int, int]  # (B, F)
+
+    @classmethod
+    def from_pairs(cls, rows_N: Tensor, latents_N: Tensor, shape: tuple[int, int]) -> "Active":
+        B, n_latents = shape
+        by_latent_N = torch.argsort(latents_N, stable=True)
+        return cls(rows_N, latents_N, _starts(rows_N, B), by_latent_N, rows_N[by_latent_N],
+                   _starts(latents_N, n_latents), shape)
+
+    @classmethod
+    def where(cls, mask_BF: Tensor) -> "Active":
+        """The True entries of a boolean [B, F] mask (ReLU: pre-activation > 0)."""
+        rows_N, latents_N = mask_BF.nonzero(as_tuple=True)
+        return cls.from_pairs(rows_N, latents_N, tuple(mask_BF.shape))
+
+    @classmethod
+    def at(cls, idx_BK: Tensor, n_latents: int) -> "Active":
+        """Latents ``idx_BK`` [B, K] of each row, ascending within a row (TopK)."""
+        B, K = idx_BK.shape
+        rows_N = torch.arange(B, device=idx_BK.device).repeat_interleave(K)
+        return cls.from_pairs(rows_N, idx_BK.flatten(), (B, n_latents))
+
+    def __len__(self) -> int:
+        return len(self.rows_N)
+
+    def density(self) -> float:
+        return len(self) / (self.shape[0] * self.shape[1])
+
+    def fires(self, vals_N: Tensor) -> Tensor:
+        """[F] int64: rows each latent is active on (value > 0) — SAELoss.fires_F."""
+        return torch.bincount(self.latents_N[vals_N > 0], minlength=self.shape[1])
+
+    def gather(self, t_BF: Tensor) -> Tensor:
+        """The entries of a dense [B, F] tensor at the active pairs [N]."""
+        return t_BF.reshape(-1).take(self.rows_N * self.shape[1] + self.latents_N)
+
+
+def _starts(sorted_N: Tensor, n: int) -> Tensor:
+    """Where each value 0..n-1 starts in an ascending ``sorted_N`` (empty groups included)."""
+    counts = torch.bincount(sorted_N, minlength=n)
+    return torch.cumsum(counts, 0) - counts
+
+
+def per_row_sum(active: Active, w_N: Tensor, W_FD: Tensor) -> Tensor:
+    """[B, D]: Σ_n w_n W[latent_n] over the pairs of each row (f W for a sparse f)."""
+    return F.embedding_bag(active.latents_N, W_FD, active.row_starts_B, mode="sum", per_sample_weights=w_N)
+
+
+def per_latent_sum(active: Active, w_N: Tensor, Y_BD: Tensor) -> Tensor:
+    """[F, D]: Σ_n w_n Y[row_n] over the pairs of each latent (fᵀ Y for a sparse f)."""
+    return F.embedding_bag(active.rows_by_latent_N, Y_BD, active.latent_starts_F, mode="sum",
+                           per_sample_weights=w_N[active.by_latent_N])
+
+
+def row_dots(active: Active, A_BD: Tensor, W_FD: Tensor) -> Tensor:
+    """[N]: A[row_n] · W[latent_n], the dense A Wᵀ sampled at the active pairs."""
+    B, n_latents = active.shape
+    crow = torch.cat([active.row_starts_B, active.row_starts_B.new_tensor([len(active)])])
+    pattern = torch.sparse_csr_tensor(crow, active.latents_N, A_BD.new_zeros(len(active)), (B, n_latents),
+                                      check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, A_BD.contiguous(), W_FD.T, beta=0.0).values()
+
+
+def active_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor, pre_BF: Tensor,
+                    active: Active) -> Tensor:
+    """The pre-activations at the active pairs [N] (in the parameters' dtype), taken from the dense
+    ``pre_BF`` already computed; their backward is the encoder's, over the active pairs only."""
+    return _ActivePreActs.apply(x_BD, W_enc_DF, b_enc_F, b_dec_D, pre_BF.detach(), active)
+
+
+def decode_active(vals_N: Tensor, active: Active, W_dec_FD: Tensor) -> Tensor:
+    """f W_dec [B, D] for the sparse f with ``vals_N`` at the active pairs (no decoder bias)."""
+    return _ActiveDecode.apply(vals_N, W_dec_FD, active)
+
+
+class _ActivePreActs(torch.autograd.Function):
+    """pre_n = x̄[row_n] · W_enc[:, latent_n] + b_enc[latent_n]: the forward gathers them from the dense
+    pre-activations; the backward is ``base._Encoder``'s for a gradient that is 0 off the active pairs:
+    g_W_enc = x̄ᵀ g_pre over the pairs, g_b_enc their per-latent sums, b_dec's −W_enc g_b_enc."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor, pre_BF: Tensor,
+                active: Active) -> Tensor:
+        ctx.save_for_backward(x_BD, W_enc_DF, b_dec_D)
+        ctx.active = active
+        return active.gather(pre_BF).to(W_enc_DF.dtype)
+
+    @staticmethod
+    def backward(ctx, g_N: Tensor) -> tuple[Tensor | None, ...]:
+        x_BD, W_enc_DF, b_dec_D = ctx.saved_tensors
+        active: Active = ctx.active
+        g_b_enc_F = g_N.new_zeros(active.shape[1]).index_add_(0, active.latents_N, g_N)
+        g_W_enc_DF = g_b_dec_D = g_x_BD = None
+        if ctx.needs_input_grad[1]:
+            g_W_enc_DF = per_latent_sum(active, g_N, x_BD - b_dec_D).T.contiguous()
+        if ctx.needs_input_grad[3]:
+            g_b_dec_D = -(W_enc_DF @ g_b_enc_F)
+        if ctx.needs_input_grad[0]:
+            g_x_BD = per_row_sum(active, g_N, W_enc_DF.T.contiguous())
+        return g_x_BD, g_W_enc_DF, g_b_enc_F, g_b_dec_D, None, None
+
+
+class _ActiveDecode(torch.autograd.Function):
+    """x̂ = f W_dec for the sparse f; backward: g_f at the active pairs (g_x̂ W_decᵀ sampled there) and
+    g_W_dec = fᵀ g_x̂, whose rows are nonzero only for latents active in the batch."""
+
+    @staticmethod
+    def forward(ctx, vals_N: Tensor, W_dec_FD: Tensor, active: Active) -> Tensor:
+        ctx.save_for_backward(vals_N, W_dec_FD)
+        ctx.active = active
+        return per_row_sum(active, vals_N.to(W_dec_FD.dtype), W_dec_FD)
+
+    @staticmethod
+    def backward(ctx, g_BD: Tensor) -> tuple[Tensor | None, ...]:
+        vals_N, W_dec_FD = ctx.saved_tensors
+        active: Active = ctx.active
+        g_vals_N = row_dots(active, g_BD, W_dec_FD).to(vals_N.dtype) if ctx.needs_input_grad[0] else None
+        g_W_dec_FD = per_latent_sum(active, vals_N, g_BD) if ctx.needs_input_grad[1] else None
+        return g_vals_N, g_W_dec_FD, None
