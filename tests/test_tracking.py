@@ -76,7 +76,8 @@ def check_run_structure(client: MlflowClient) -> None:
     check_metric_sections(client, parent, pair, ceiling="replicate-pair" in runs)
 
 
-HEADLINE_BASES = {f"Universality/{basis}_median_max_corr" for basis in ("features", "neurons", "rotated_neurons")}
+HEADLINE_BASES = {f"Universality/{basis}_median_max_corr" for basis in
+                  ("features", "neurons", "rotated_neurons", "features_contextual", "neurons_contextual")}
 
 
 def check_metric_sections(client: MlflowClient, parent, pair, ceiling: bool) -> None:

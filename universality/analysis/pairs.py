@@ -52,6 +52,9 @@ class PairResult:
     # Ablation-effect correlations of random feature pairs (compare.causal_top_n; the top matches' are the
     # table's ``effect_corr`` column): the null that causal universality is read against
     random_effect_corr: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    context_matching: Matching | None = None  # of the SAE features with each one's current-token mean removed
+    token_share_a: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [F_A] cross-fitted token share (NaN: constant)
+    token_share_b: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @torch.no_grad()
@@ -111,7 +114,10 @@ def compare_runs(
         sample_a = np.asarray(neurons_a[:SIMILARITY_TOKENS], np.float64)
         sample_b = np.asarray(neurons_b[:SIMILARITY_TOKENS], np.float64)
         stats["cka"], stats["svcca"] = linear_cka(sample_a, sample_b), svcca(sample_a, sample_b)
-    return PairResult(run_a, run_b, stats, table, matching, max_corr, _top_block(results["features"].corr, matching))
+    features = controlled["features"]
+    return PairResult(run_a, run_b, stats, table, matching, max_corr, _top_block(results["features"].corr, matching),
+                      context_matching=features.contextual.matching, token_share_a=features.token_share_a,
+                      token_share_b=features.token_share_b)
 
 
 def _with_context_columns(table: pd.DataFrame, features: TokenControlledPair) -> pd.DataFrame:
@@ -140,8 +146,10 @@ def save_pair(result: PairResult, directory: Path) -> None:
     with atomic_path(directory / "table.parquet") as tmp:
         result.table.to_parquet(tmp, index=False)
     arrays = {f"matching_{k}": v for k, v in vars(result.matching).items()}
+    arrays.update({f"context_matching_{k}": v for k, v in vars(result.context_matching).items()})
     arrays.update({f"max_corr_{k}": v for k, v in result.max_corr.items()}, top_block=result.top_block,
-                  random_effect_corr=result.random_effect_corr)
+                  random_effect_corr=result.random_effect_corr, token_share_a=result.token_share_a,
+                  token_share_b=result.token_share_b)
     with atomic_path(directory / "arrays.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -151,9 +159,11 @@ def save_pair(result: PairResult, directory: Path) -> None:
 def load_pair(directory: Path) -> PairResult:
     meta = json.loads((directory / "pair.json").read_text())
     with np.load(directory / "arrays.npz") as arrays:
-        matching = Matching(**{k[len("matching_"):]: arrays[k] for k in arrays.files if k.startswith("matching_")})
+        matching, context_matching = (Matching(**{k[len(prefix):]: arrays[k] for k in arrays.files if k.startswith(prefix)})
+                                      for prefix in ("matching_", "context_matching_"))
         max_corr = {basis: arrays[f"max_corr_{basis}"] for basis in BASES if f"max_corr_{basis}" in arrays.files}
         top_block, random_effect_corr = arrays["top_block"], arrays["random_effect_corr"]
+        token_share_a, token_share_b = arrays["token_share_a"], arrays["token_share_b"]
     table = pd.read_parquet(directory / "table.parquet")
     return PairResult(meta["run_a"], meta["run_b"], meta["stats"], table, matching, max_corr, top_block, directory,
-                      random_effect_corr)
+                      random_effect_corr, context_matching, token_share_a, token_share_b)

@@ -71,7 +71,8 @@ def write_run_files(result, root: Path) -> RunFiles:
     if result.pairs:
         reports.write_run_report(result.pairs, result.replicate_pairs, result.randomized, result.summary, matched, sources,
                                  {name: sae.metrics for name, sae in result.saes.items()}, root / "report", own_neurons=own,
-                                 n_neurons=result.cfg.model.d_mlp, by_size=sections)
+                                 n_neurons=result.cfg.model.d_mlp, by_size=sections, untrained=result.untrained,
+                                 token_shares={name: sae.token_shares for name, sae in result.saes.items()})
     return RunFiles(root, figures, pairs, matched)
 
 
