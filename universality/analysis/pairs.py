@@ -100,7 +100,7 @@ def compare_runs(
         stats.update({f"decoder.{k}": v for k, v in decoder_statistics(*decoders, census_a.included, census_b.included).items()})
 
     matching = results["features"].matching
-    table = _with_context_columns(results["features"].table(), controlled["features"])
+    table = with_context_columns(results["features"].table(), controlled["features"])
     has_partner = matching.best_b != NO_PARTNER
     logit_corr = np.full(len(table), np.nan)
     logit_corr[has_partner] = logit_weight_similarity(logits_a, logits_b, np.flatnonzero(has_partner), matching.best_b[has_partner])
@@ -120,7 +120,7 @@ def compare_runs(
                       token_share_b=features.token_share_b)
 
 
-def _with_context_columns(table: pd.DataFrame, features: TokenControlledPair) -> pd.DataFrame:
+def with_context_columns(table: pd.DataFrame, features: TokenControlledPair) -> pd.DataFrame:
     """The table with A's token share and its max-correlation partner after token means are removed."""
     context = features.contextual.matching
     return table.assign(token_share_a=features.token_share_a, feature_b_context=context.best_b,
