@@ -46,6 +46,20 @@ def test_export_round_trips_with_documented_columns(tracked_tiny, tmp_path, fmt)
     listed = {(int(part.split(":")[0][4:]), int(f)) for part in first.members.split(";") for f in part.split(":")[1].split(",")}
     assert set(zip(rows.seed_a, rows.feature_a)) == listed and len(listed) == first["size"]
     assert (rows.mutual & (rows["corr"] > export.FAMILY_MIN_CORR)).any()
+    check_contextual_columns(cross)
+
+
+def check_contextual_columns(cross: pd.DataFrame) -> None:
+    """Both directions carry a contextual partner where the raw one exists (but for token features), a token share
+    in [0, 1], and A's contextual max partner seen from B is never above B's own contextual max."""
+    assert ((cross.feature_b_context == -1) == cross.corr_context.isna()).all()
+    assert cross.token_share_a.dropna().between(0, 1).all() and cross.token_share_a.notna().mean() > 0.5
+    for seed_a in (0, 1):
+        side = cross[cross.seed_a == seed_a]
+        assert (side.feature_b_context >= 0).mean() > 0.5  # most features keep a partner given the token
+        other = cross[cross.seed_a != seed_a].set_index("feature_a")
+        paired = side[side.feature_b_context >= 0]
+        assert (paired.corr_context.to_numpy() <= other.corr_context.reindex(paired.feature_b_context).to_numpy() + 1e-6).all()
 
 
 @pytest.mark.slow

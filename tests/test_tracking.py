@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -64,6 +65,11 @@ def check_run_structure(client: MlflowClient) -> None:
     assert len(client.get_metric_history(seed, "sae/mse")) >= 10
     assert [m.step for m in client.get_metric_history(seed, "sae/n_resampled")] == [8, 16]
     assert 0 < client.get_run(seed).data.metrics["sae_eval/fvu"] < 1
+    seed_metrics = client.get_run(seed).data.metrics
+    for share in ("token_share/features_median", "token_share/neurons_median", "position_share/features_median"):
+        assert 0 <= seed_metrics[share] <= 1, share  # each SAE's run: its features' and its model's neurons' shares
+    per_seed = [client.get_run(children[n].info.run_id).data.metrics["token_share/features_median"] for n in ("seed0", "seed1")]
+    assert parent.data.metrics["token_share/features_median_mean"] == pytest.approx(np.mean(per_seed))  # the mean over seeds
     assert {"model/model.safetensors", "model/config.json", "tokenizer/tokenizer.json", "sae/cfg.json",
             "sae/sae_weights.safetensors", "figures/density_histogram.png"} <= artifacts(client, seed)
     pair = children["seed0-vs-seed1"]
@@ -73,6 +79,11 @@ def check_run_structure(client: MlflowClient) -> None:
     assert logged == pytest.approx(forward["corr"].median(), abs=1e-6)  # the median over the table's partners
     assert parent.data.metrics["Universality/features_median_max_corr"] == pytest.approx(logged)  # one pair's mean
     assert REPORT_FILES <= artifacts(client, pair.info.run_id)
+    context = forward["corr_context"].fillna(0.0)[forward.feature_b >= 0]  # the table's contextual max partners
+    assert 0 <= pair.data.metrics["Universality/features_contextual_median_max_corr"] <= 1
+    assert pair.data.metrics["Universality/features_contextual_median_max_corr"] <= context.max()
+    assert {"token_lookup/features_max_corr_median", "by_token_share/features_share_lt_050_contextual_max_corr_median",
+            "Universality/neurons_contextual_median_max_corr"} <= set(pair.data.metrics)
     check_metric_sections(client, parent, pair, ceiling="replicate-pair" in runs)
 
 
