@@ -145,3 +145,12 @@ def test_match_and_export_tables_share_one_documented_vocabulary(tmp_path):
     table = readme[readme.index("| column | dtype | meaning |"):].split("\n\n")[0]
     documented = {name for row in table.splitlines() for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert match_columns | set(export.MATCHED_COLUMNS) <= documented, sorted((match_columns | set(export.MATCHED_COLUMNS)) - documented)
+
+
+def test_a_table_without_the_contextual_columns_is_a_one_line_error(tmp_path):
+    from universality.core.errors import UnivError
+
+    old = {c: [] for c in export.MATCHED_COLUMNS if c not in ("corr_context", "feature_b_context", "token_share_a")}
+    pd.DataFrame(old).to_csv(tmp_path / "old.csv", index=False)
+    with pytest.raises(UnivError, match="no column feature_b_context, corr_context, token_share_a .*older univ"):
+        export.read_table(tmp_path / "old.csv", "csv", export.MATCHED_COLUMNS)

@@ -249,6 +249,9 @@ def read_table(path: Path, fmt: str, columns: Mapping[str, str]) -> pd.DataFrame
     else:
         frame = pd.DataFrame(json.loads(Path(path).read_text()), columns=list(columns))
         frame = frame.fillna({c: np.nan for c, t in columns.items() if t == "float64"})
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UnivError(f"{path}: no column {', '.join(missing)} (a table of an older univ: run again to rebuild it)")
     return _typed(frame, columns)
 
 
