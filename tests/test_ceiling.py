@@ -158,3 +158,13 @@ def test_run_names_are_made_and_read_in_one_place():
     assert [replica_name("seed3", r) for r in (0, 2)] == ["seed3", "seed3-sae2"]
     assert [(model_name(n), replicate_of(n)) for n in ("seed3", "seed3-sae2", "shuffled-seed0-1")] == [
         ("seed3", 0), ("seed3", 2), ("shuffled-seed0-1", 0)]
+
+
+def test_both_kinds_of_control_are_controls():
+    from universality.core.run_names import control_kind, is_control, shuffled_name, untrained_name
+
+    assert untrained_name(0) == "untrained-seed0" and shuffled_name(0, 1) == "shuffled-seed0-1"
+    assert [control_kind(n) for n in ("shuffled-seed0-1", "untrained-seed1", "seed0", "seed0-sae1")] == [
+        "randomized", "untrained", None, None]
+    assert [is_control(n) for n in ("shuffled-seed0-2", "untrained-seed0", "seed1")] == [True, True, False]
+    assert (model_name("untrained-seed0"), replicate_of("untrained-seed0")) == ("untrained-seed0", 0)

@@ -1,6 +1,7 @@
-"""The randomized-transformer control end to end on the fast tiny config (weight shuffling, the control
-pair, the randomized.* statistics, its MLflow child run and report), in a run started from a relative
-results folder that ``univ features`` then reads from another folder."""
+"""The controls end to end on the fast tiny config: the randomized transformer (weight shuffling, the control
+pair, the randomized.* statistics, its MLflow child run and report) and the untrained transformer (a seed's
+initial weights, untrained.*), the gaps to each null, in a run started from a relative results folder that
+``univ features`` then reads from another folder."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from universality.publish import publish
 from universality.tracking import names, store
 from universality.tracking.tracker import tracked_run
 from universality.cli import main
+from universality.outputs.terminal import describe
 
 CONTROLS = ("shuffled-seed0-1", "shuffled-seed0-2")
+UNTRAINED = ("untrained-seed0", "untrained-seed1")
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +63,50 @@ def test_control_pair_and_its_statistics(control_run):
 
 
 @pytest.mark.slow
+def test_untrained_controls_are_the_seeds_initial_weights(control_run):
+    from models.training import build_model
+
+    _, result, _ = control_run
+    for name, seed in zip(UNTRAINED, (0, 1)):
+        control = result.models[name]
+        initial = build_model(control.model.cfg, seed).state_dict()
+        assert control.seed == seed and control.history == [] and control.metrics == {}
+        assert all(torch.equal(control.model.state_dict()[k], v) for k, v in initial.items()), name
+    trained = result.models["seed0"].model.state_dict()
+    assert not all(torch.equal(result.models[UNTRAINED[0]].model.state_dict()[k], v) for k, v in trained.items())
+
+
+@pytest.mark.slow
+def test_untrained_pair_contextual_statistics_and_gaps(control_run):
+    _, result, _ = control_run
+    untrained, randomized, summary = result.untrained, result.randomized, result.summary
+    assert (untrained.run_a, untrained.run_b) == UNTRAINED
+    assert [(p.run_a, p.run_b) for p in result.pairs] == [("seed0", "seed1")]  # the controls are no seed pair
+    for key, value in untrained.stats.items():
+        assert summary[f"untrained.{key}"] == value or np.isnan(value) and np.isnan(summary[f"untrained.{key}"])
+    for control in (untrained, randomized):  # both controls are compared given the token too
+        assert 0 <= control.stats["contextual.features.max_corr_median"] <= 1
+        assert {"token_lookup.features.max_corr_median", "by_token_share.features.share_lt_050.n"} <= set(control.stats)
+    trained_raw, trained_context = summary["features.max_corr_median_mean"], summary["contextual.features.max_corr_median_mean"]
+    for null, stats in (("randomized", randomized.stats), ("untrained", untrained.stats)):
+        assert summary[f"gap.raw.{null}"] == pytest.approx(trained_raw - stats["features.max_corr_median"])
+        assert summary[f"gap.contextual.{null}"] == pytest.approx(trained_context - stats["contextual.features.max_corr_median"])
+    assert summary["gap.raw.token_lookup"] == pytest.approx(trained_raw - summary["token_lookup.features.max_corr_median_mean"])
+    assert "gap.contextual.token_lookup" not in summary  # given the token, a per-token mean is constant
+    shown = describe(result)
+    assert "SAE features, untrained models" in shown and "SAE features, weight-shuffled models" in shown
+    assert f"untrained {summary['gap.raw.untrained']:.3f} | {summary['gap.contextual.untrained']:.3f}" in shown
+
+
+@pytest.mark.slow
 def test_control_is_tracked_with_its_own_runs_and_report(control_run):
     results, result, run_id = control_run
     client = store.open_client(results, None, read_only=True)
     children = client.search_runs([client.get_run(run_id).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
     kinds = {r.info.run_name: r.data.tags[names.KIND] for r in children}
-    assert {name: kinds.get(name) for name in CONTROLS} == dict.fromkeys(CONTROLS, "control-model")
+    assert {name: kinds.get(name) for name in CONTROLS + UNTRAINED} == dict.fromkeys(CONTROLS + UNTRAINED, "control-model")
+    assert kinds[f"{UNTRAINED[0]}-vs-{UNTRAINED[1]}"] == "untrained-pair"
     pair_name = f"{CONTROLS[0]}-vs-{CONTROLS[1]}"
     assert kinds[pair_name] == "randomized-pair"
     pair = next(r for r in children if r.info.run_name == pair_name)
@@ -79,6 +119,10 @@ def test_control_is_tracked_with_its_own_runs_and_report(control_run):
     assert "report/report.html" in logged and "report/universality.png" in logged
     page = (results / "reports" / run_id / "pairs" / pair_name / "report.html").read_text()
     assert "Randomized-transformer control" in page and page.count("<img") == 4
+    untrained_page = (results / "reports" / run_id / "pairs" / f"{UNTRAINED[0]}-vs-{UNTRAINED[1]}" / "report.html").read_text()
+    assert "Untrained control" in untrained_page
+    run_page = (results / "reports" / run_id / "report" / "report.html").read_text()
+    assert "SAE features, untrained models (control)" in run_page and "SAE features, weight-shuffled models (control)" in run_page
 
 
 @pytest.mark.slow

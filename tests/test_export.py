@@ -46,6 +46,20 @@ def test_export_round_trips_with_documented_columns(tracked_tiny, tmp_path, fmt)
     listed = {(int(part.split(":")[0][4:]), int(f)) for part in first.members.split(";") for f in part.split(":")[1].split(",")}
     assert set(zip(rows.seed_a, rows.feature_a)) == listed and len(listed) == first["size"]
     assert (rows.mutual & (rows["corr"] > export.FAMILY_MIN_CORR)).any()
+    check_contextual_columns(cross)
+
+
+def check_contextual_columns(cross: pd.DataFrame) -> None:
+    """Both directions carry a contextual partner where the raw one exists (but for token features), a token share
+    in [0, 1], and A's contextual max partner seen from B is never above B's own contextual max."""
+    assert ((cross.feature_b_context == -1) == cross.corr_context.isna()).all()
+    assert cross.token_share_a.dropna().between(0, 1).all() and cross.token_share_a.notna().mean() > 0.5
+    for seed_a in (0, 1):
+        side = cross[cross.seed_a == seed_a]
+        assert (side.feature_b_context >= 0).mean() > 0.5  # most features keep a partner given the token
+        other = cross[cross.seed_a != seed_a].set_index("feature_a")
+        paired = side[side.feature_b_context >= 0]
+        assert (paired.corr_context.to_numpy() <= other.corr_context.reindex(paired.feature_b_context).to_numpy() + 1e-6).all()
 
 
 @pytest.mark.slow
@@ -131,3 +145,12 @@ def test_match_and_export_tables_share_one_documented_vocabulary(tmp_path):
     table = readme[readme.index("| column | dtype | meaning |"):].split("\n\n")[0]
     documented = {name for row in table.splitlines() for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert match_columns | set(export.MATCHED_COLUMNS) <= documented, sorted((match_columns | set(export.MATCHED_COLUMNS)) - documented)
+
+
+def test_a_table_without_the_contextual_columns_is_a_one_line_error(tmp_path):
+    from universality.core.errors import UnivError
+
+    old = {c: [] for c in export.MATCHED_COLUMNS if c not in ("corr_context", "feature_b_context", "token_share_a")}
+    pd.DataFrame(old).to_csv(tmp_path / "old.csv", index=False)
+    with pytest.raises(UnivError, match="no column feature_b_context, corr_context, token_share_a .*older univ"):
+        export.read_table(tmp_path / "old.csv", "csv", export.MATCHED_COLUMNS)

@@ -54,19 +54,20 @@ def test_a_single_size_plans_exactly_the_tasks_and_pairs_it_did():
     cfg = fast_cfg().replace(compare={"randomized_baseline": True})
     tasks = pipeline.run_tasks(cfg, _dataset(), [0, 1], "cpu", None, False)
     names = [t.name for t in tasks]
-    assert names == ["seed0", "seed1", "seed0-sae1", "shuffled-seed0-1", "shuffled-seed0-2"]
-    assert all(t.dict_size is None for t in tasks)
+    assert names == ["seed0", "seed1", "seed0-sae1", "shuffled-seed0-1", "shuffled-seed0-2", "untrained-seed0",
+                     "untrained-seed1"]
+    assert all(t.dict_size is None for t in tasks) and [t.untrained for t in tasks] == [False] * 5 + [True] * 2
     assert pipeline.pair_plan(names, ["seed0", "seed1"], cfg) == [
         ("seed0", "seed1", "cross-model"), ("seed0", "seed0-sae1", "same-model"),
-        ("shuffled-seed0-1", "shuffled-seed0-2", "randomized")]
+        ("shuffled-seed0-1", "shuffled-seed0-2", "randomized"), ("untrained-seed0", "untrained-seed1", "untrained")]
 
 
 def test_a_family_plans_every_size_with_its_replicates_and_the_control_only_at_the_primary_size():
     cfg = fast_cfg().replace(sae={"dict_sizes": [64, 128, 256]}, compare={"randomized_baseline": True})
     tasks = pipeline.run_tasks(cfg, _dataset(), [0, 1], "cpu", None, False)
     names = [t.name for t in tasks]
-    assert names == ["seed0", "seed1", "seed0-sae1", "shuffled-seed0-1", "shuffled-seed0-2",
-                     "seed0-d128", "seed1-d128", "seed0-d128-sae1", "seed0-d64", "seed1-d64", "seed0-d64-sae1"]
+    assert names == ["seed0", "seed1", "seed0-sae1", "shuffled-seed0-1", "shuffled-seed0-2", "untrained-seed0",
+                     "untrained-seed1", "seed0-d128", "seed1-d128", "seed0-d128-sae1", "seed0-d64", "seed1-d64", "seed0-d64-sae1"]
     plan = pipeline.pair_plan(names, ["seed0", "seed1"], cfg)
     assert [(a, b) for a, b, kind in plan if kind == "cross-model"] == [
         ("seed0", "seed1"), ("seed0-d128", "seed1-d128"), ("seed0-d64", "seed1-d64")]

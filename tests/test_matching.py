@@ -142,3 +142,77 @@ def test_cli_rejects_out_of_range_threshold(files):
     tmp, _ = files
     result = CliRunner().invoke(main, ["match", str(tmp / "a.npy"), str(tmp / "b.npz"), "--out", str(tmp / "o.csv"), "--threshold", "1.5"])
     assert result.exit_code != 0 and not (tmp / "o.csv").exists()
+
+
+# --- univ match --tokens ----------------------------------------------------------------
+
+N_VOCAB = 50
+
+
+@pytest.fixture
+def token_files(files):
+    """The planted pair plus a token feature in both (a function of the current token alone) and the token ids."""
+    tmp, perm = files
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, N_VOCAB, N_TOKENS)
+    lookup = rng.exponential(size=N_VOCAB)
+    a, b = np.load(tmp / "a.npy"), sp.load_npz(tmp / "b.npz").toarray()
+    np.save(tmp / "ta.npy", np.column_stack([a, lookup[tokens]]).astype(np.float32))
+    np.save(tmp / "tb.npy", np.column_stack([b, 2 * lookup[tokens] + 1]).astype(np.float32))
+    np.save(tmp / "tokens.npy", tokens)
+    return tmp, perm, tokens
+
+
+def test_cli_with_tokens_adds_the_contextual_columns_and_statistics(token_files):
+    from universality.measures.token_control import compare_token_controlled
+
+    tmp, perm, tokens = token_files
+    result = CliRunner().invoke(main, ["match", str(tmp / "ta.npy"), str(tmp / "tb.npy"), "--out", str(tmp / "t.csv"),
+                                       "--tokens", str(tmp / "tokens.npy")])
+    assert result.exit_code == 0, result.output
+    assert "contextual.max_corr_median:" in result.output and "token_lookup.max_corr_median:" in result.output
+    assert "decile" not in result.output
+    df = pd.read_csv(tmp / "t.csv")
+    rows = zip(chunks(np.load(tmp / "ta.npy"), np.load(tmp / "tb.npy")), np.split(tokens, range(1000, N_TOKENS, 1000)))
+    reference = compare_token_controlled(((a, b, t) for (a, b), t in rows), N_VOCAB, CompareConfig().min_firings,
+                                         CompareConfig().thresholds)
+    np.testing.assert_array_equal(df["feature_b_context"], reference.contextual.matching.best_b)
+    np.testing.assert_allclose(df["corr_context"], reference.contextual.matching.best_b_corr, rtol=1e-6)
+    np.testing.assert_allclose(df["token_share_a"], reference.token_share_a, rtol=1e-9)
+    token_feature = F_A
+    assert df["feature_b"][token_feature] == F_B and df["corr"][token_feature] > 0.99  # raw: the token feature matches
+    assert df["token_share_a"][token_feature] > 0.99 and df["feature_b_context"][token_feature] == -1  # nothing left given the token
+    assert df["feature_b_context"][:N_SHARED].tolist() == perm.tolist()  # the planted features do not depend on the token
+    assert (df["token_share_a"][:N_SHARED] < 0.05).all()
+
+
+def _bad_token_files(tmp, tokens):
+    np.save(tmp / "short_tokens.npy", tokens[:-1])
+    np.save(tmp / "negative.npy", np.where(np.arange(tokens.size) == 17, -3, tokens))
+    np.save(tmp / "fractional.npy", tokens + 0.5)
+    np.save(tmp / "square.npy", tokens.reshape(-1, 2))
+    np.savetxt(tmp / "tokens.txt", tokens[:5])
+    return {"length": ("short_tokens.npy", "token ids but the activations have"),
+            "negative": ("negative.npy", ">= 0"), "not integers": ("fractional.npy", "integers"),
+            "wrong shape": ("square.npy", "1-D"), "format": ("tokens.txt", ".npy"), "missing": ("nowhere.npy", "nowhere.npy")}
+
+
+def test_cli_bad_token_files_fail_in_one_line_before_any_work(token_files, monkeypatch):
+    import universality.match as match_module
+
+    tmp, _, tokens = token_files
+    monkeypatch.setattr(match_module, "compare_token_controlled", lambda *a, **k: pytest.fail("work started"))
+    for name, (file, message) in _bad_token_files(tmp, tokens).items():
+        before = set(tmp.rglob("*"))
+        result = CliRunner().invoke(main, ["match", str(tmp / "ta.npy"), str(tmp / "tb.npy"), "--out", str(tmp / "t.csv"),
+                                           "--tokens", str(tmp / file)])
+        assert result.exit_code == 1, (name, result.output)
+        assert result.output.startswith("Error: ") and result.output.count("\n") == 1, (name, result.output)
+        assert message in result.output, (name, result.output)
+        assert set(tmp.rglob("*")) == before, name
+
+
+def test_cli_tokens_without_a_value_is_a_usage_error(token_files):
+    tmp, _, _ = token_files
+    result = CliRunner().invoke(main, ["match", str(tmp / "ta.npy"), str(tmp / "tb.npy"), "--out", str(tmp / "t.csv"), "--tokens"])
+    assert result.exit_code == 2 and not (tmp / "t.csv").exists()

@@ -73,13 +73,28 @@ def test_run_and_pair_reports_are_self_contained(tracked_tiny):
     pair = folder / "pairs" / "seed0-vs-seed1"
     assert {p.name for p in pair.iterdir()} == {"universality.png", "density_vs_corr.png", "logit_vs_activation.png",
                                                  "top_block.png", "report.html"}
-    for page, n_figures in ((pair / "report.html", 4), (folder / "report" / "report.html", 2)):  # run: pooled, own neurons
+    for page, n_figures in ((pair / "report.html", 4), (folder / "report" / "report.html", 3)):  # run: pooled, token share, own neurons
         text = page.read_text()
         images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
         assert len(images) == n_figures and all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
         assert "0.72" in text and "0.46" in text  # the paper's reference medians
         assert text.count("<div class='card'>") == 2 * reports.N_CARDS and "<mark>" in text
         assert "src='http" not in text and "href='http" not in text  # nothing fetched from elsewhere
+        assert "token share" in text and "contextual" in text  # the cards' token share, raw beside contextual
+    run_page = (folder / "report" / "report.html").read_text()
+    assert "<h2>Token share</h2>" in run_page and "by contextual correlation" in run_page
+    assert "SAE features, token lookup (null: per-token means alone)" in run_page
+
+
+def test_most_universal_ranks_by_contextual_correlation_with_raw_beside():
+    """A token feature (raw 0.99, nothing left given the token) ranks below context features; raw stays a column."""
+    matched = pd.DataFrame({"seed_a": 0, "sae_a": 0, "seed_b": [1, 1, 1, 2, 2, 2], "sae_b": 0, "same_model": False,
+                            "feature_a": [0, 1, 2, 0, 1, 2], "feature_b": [5, 6, 7, 5, 6, 7],
+                            "corr": [0.99, 0.6, 0.5, 0.97, 0.6, 0.7], "corr_context": [np.nan, 0.5, 0.3, np.nan, 0.7, 0.1]})
+    ranked = reports.ranked_features(matched, 0)
+    assert ranked.feature_a.tolist() == [1, 2, 0]
+    assert ranked["corr"].tolist() == pytest.approx([0.6, 0.6, 0.98]) and ranked.corr_context.tolist() == pytest.approx([0.6, 0.2, 0.0])
+    assert reports.ranked_features(matched, 0, seed_b=1).feature_a.tolist() == [1, 2, 0]
 
 
 def test_counts_and_their_means_and_medians_print_as_whole_numbers():

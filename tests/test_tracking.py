@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -64,6 +65,11 @@ def check_run_structure(client: MlflowClient) -> None:
     assert len(client.get_metric_history(seed, "sae/mse")) >= 10
     assert [m.step for m in client.get_metric_history(seed, "sae/n_resampled")] == [8, 16]
     assert 0 < client.get_run(seed).data.metrics["sae_eval/fvu"] < 1
+    seed_metrics = client.get_run(seed).data.metrics
+    for share in ("token_share/features_median", "token_share/neurons_median", "position_share/features_median"):
+        assert 0 <= seed_metrics[share] <= 1, share  # each SAE's run: its features' and its model's neurons' shares
+    per_seed = [client.get_run(children[n].info.run_id).data.metrics["token_share/features_median"] for n in ("seed0", "seed1")]
+    assert parent.data.metrics["token_share/features_median_mean"] == pytest.approx(np.mean(per_seed))  # the mean over seeds
     assert {"model/model.safetensors", "model/config.json", "tokenizer/tokenizer.json", "sae/cfg.json",
             "sae/sae_weights.safetensors", "figures/density_histogram.png"} <= artifacts(client, seed)
     pair = children["seed0-vs-seed1"]
@@ -73,10 +79,16 @@ def check_run_structure(client: MlflowClient) -> None:
     assert logged == pytest.approx(forward["corr"].median(), abs=1e-6)  # the median over the table's partners
     assert parent.data.metrics["Universality/features_median_max_corr"] == pytest.approx(logged)  # one pair's mean
     assert REPORT_FILES <= artifacts(client, pair.info.run_id)
+    context = forward["corr_context"].fillna(0.0)[forward.feature_b >= 0]  # the table's contextual max partners
+    assert 0 <= pair.data.metrics["Universality/features_contextual_median_max_corr"] <= 1
+    assert pair.data.metrics["Universality/features_contextual_median_max_corr"] <= context.max()
+    assert {"token_lookup/features_max_corr_median", "by_token_share/features_share_lt_050_contextual_max_corr_median",
+            "Universality/neurons_contextual_median_max_corr"} <= set(pair.data.metrics)
     check_metric_sections(client, parent, pair, ceiling="replicate-pair" in runs)
 
 
-HEADLINE_BASES = {f"Universality/{basis}_median_max_corr" for basis in ("features", "neurons", "rotated_neurons")}
+HEADLINE_BASES = {f"Universality/{basis}_median_max_corr" for basis in
+                  ("features", "neurons", "rotated_neurons", "features_contextual", "neurons_contextual")}
 
 
 def check_metric_sections(client: MlflowClient, parent, pair, ceiling: bool) -> None:
@@ -87,10 +99,10 @@ def check_metric_sections(client: MlflowClient, parent, pair, ceiling: bool) -> 
                                                       "Universality/features_over_ceiling"} if ceiling else set()),
                 pair.info.run_id: HEADLINE_BASES}
     for run_id, headline in expected.items():
-        names = set(client.get_run(run_id).data.metrics)
-        assert all("/" in name for name in names)
-        assert sorted(names)[0].startswith("Universality/") and {n for n in names if n.startswith("Universality/")} == headline
-        assert not [n for n in names if "decile" in n]
+        logged = set(client.get_run(run_id).data.metrics)  # not ``names``: that is the module
+        assert all("/" in name for name in logged)
+        assert sorted(logged)[0].startswith("Universality/") and {n for n in logged if n.startswith("Universality/")} == headline
+        assert not [n for n in logged if "decile" in n]
         assert names.DECILES in artifacts(client, run_id)
     assert parent.data.metrics["Universality/features_median_max_corr"] == pair.data.metrics["Universality/features_median_max_corr"]
 
@@ -191,8 +203,17 @@ def test_metric_names_are_sanitized_and_non_scalars_skipped():
 
 
 def test_metric_names_put_the_answer_first_and_every_statistic_in_a_section():
-    names = {
+    expected = {
         "features.max_corr_median_mean": "Universality/features_median_max_corr",  # the mean over pairs
+        "contextual.features.max_corr_median_mean": "Universality/features_contextual_median_max_corr",
+        "contextual.neurons.max_corr_median": "Universality/neurons_contextual_median_max_corr",
+        "contextual.rotation.max_corr_median": "contextual/rotation_max_corr_median",
+        "ceiling.contextual.features.max_corr_median_mean": "ceiling/contextual_features_max_corr_median_mean",
+        "untrained.contextual.features.max_corr_median": "untrained/contextual_features_max_corr_median",
+        "token_lookup.features.max_corr_median_mean": "token_lookup/features_max_corr_median_mean",
+        "by_token_share.features.share_ge_080.raw.max_corr_median": "by_token_share/features_share_ge_080_raw_max_corr_median",
+        "gap.contextual.untrained": "gap/contextual_untrained",
+        "token_share.features_median": "token_share/features_median",
         "features.max_corr_median": "Universality/features_median_max_corr",  # one pair's
         "rotation.max_corr_median_mean": "Universality/rotated_neurons_median_max_corr",
         "randomized.features.max_corr_median": "Universality/randomized_features_median_max_corr",
@@ -212,7 +233,9 @@ def test_metric_names_put_the_answer_first_and_every_statistic_in_a_section():
         "tracking.seconds": "tracking/seconds",
         "transformer/eval_loss": "transformer/eval_loss",  # already named
     }
-    assert {key: names.metric_name(key) for key in names} == names
+    assert {key: names.metric_name(key) for key in expected} == expected
+    headline = {names.metric_name(k) for k in names.HEADLINE_NAMES}
+    assert len(headline) <= 8  # a small first section: what the answer is, raw and given the token
     values = {"features.decile3_max_corr_median_mean": 0.25, "features.decile0_max_corr_median_mean": 0.125,
               "randomized.neurons.decile0_n": 7, "neurons.n_dead_a": 2, "features.max_corr_median_mean": 0.5}
     assert [m.key for m in names.metrics_from(values)] == ["Universality/features_median_max_corr", "counts/neurons_n_dead_a"]

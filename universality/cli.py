@@ -215,7 +215,10 @@ def sweep(axes, stats, seeds, seed_list, preset, config_file, corpus, results_di
               help="Report the fraction of A's features whose best partner exceeds this (default: the config's thresholds).")
 @click.option("--min-firings", type=click.IntRange(min=1), default=None,
               help="Leave out features firing on fewer tokens (default: the config's compare.min_firings).")
-def match(acts_a, acts_b, out, threshold, min_firings) -> None:
+@click.option("--tokens", type=click.Path(path_type=Path), default=None,
+              help="The current token id of each row (.npy, 1-D integers): also match given the token (contextual "
+                   "correlation, token share, the token-lookup null).")
+def match(acts_a, acts_b, out, threshold, min_firings, tokens) -> None:
     """Match the features of two activation matrices over the same tokens (.npy dense or .npz sparse, N x F)."""
     import dataclasses
 
@@ -223,9 +226,9 @@ def match(acts_a, acts_b, out, threshold, min_firings) -> None:
     from universality.match import match_activation_files
 
     cfg = CompareConfig() if min_firings is None else dataclasses.replace(CompareConfig(), min_firings=min_firings)
-    stats = match_activation_files(acts_a, acts_b, out, cfg, threshold=threshold)
+    stats = match_activation_files(acts_a, acts_b, out, cfg, threshold=threshold, tokens=tokens)
     for key, value in stats.items():
-        if not key.startswith("decile"):  # the per-density-decile breakdown is in the library's dict
+        if "decile" not in key:  # the per-density-decile breakdown is in the library's dict
             click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     click.echo(f"wrote {out}")
 

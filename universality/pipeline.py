@@ -1,6 +1,7 @@
 """The experiment as its list of cached stages (each a module of ``universality.stages``):
 
-    data -> per run: model (or its weight-shuffled control) -> sae -> evaluation -> activations -> own_neurons
+    data -> per run: model (or a control: weight-shuffled, untrained) -> sae -> evaluation -> activations
+            -> own_neurons -> token_share
          -> per pair of runs: pair (seeds: universality; SAEs of one model: the ceiling; the two controls)
          -> per model of a dictionary family: split (consecutive sizes) -> summary
 
@@ -23,20 +24,20 @@ from universality.analysis.heldout import HeldoutActivations
 from universality.analysis.pairs import PairResult
 from universality.core.config import ExperimentConfig
 from universality.core.errors import from_os_error
-from universality.core.run_names import (is_control, model_name, replica_name, sae_run_name, seed_name, shuffled_name,
-                                         size_of)
+from universality.core.run_names import (control_kind, model_name, replica_name, sae_run_name, seed_name, shuffled_name,
+                                         size_of, untrained_name)
 from universality.measures.splitting import SplitLevel
 from universality.runtime.engine import Engine, resolve_device, spread_devices
 from universality.runtime.memory import check_memory
 from universality.runtime.progress import Board
-from universality.stages import activations, data, evaluation, model, own_neurons, pair, sae, split
+from universality.stages import activations, data, evaluation, model, own_neurons, pair, sae, split, token_share
 from universality.stages.data import Dataset
 from universality.stages.model import RunModel
 from universality.stages.sae import RunSAE
 from universality.summary import run_summary
 
-STAGES = (data, model, sae, evaluation, activations, own_neurons, pair, split)  # data-flow order, as the cache lists them
-PER_RUN = (model, sae, evaluation, activations, own_neurons)  # what ``build_run`` does for one run
+STAGES = (data, model, sae, evaluation, activations, own_neurons, token_share, pair, split)  # data-flow order, as the cache lists them
+PER_RUN = (model, sae, evaluation, activations, own_neurons, token_share)  # what ``build_run`` does for one run
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class RunResult:
     activations: dict[str, HeldoutActivations]  # each run's, on the comparison tokens
     pairs: list[PairResult]  # every pair of seeds
     replicate_pairs: list[PairResult]  # every pair of SAEs of one model: the within-model ceiling
-    randomized: PairResult | None  # the two weight-shuffled controls, when enabled
+    randomized: PairResult | None  # the two weight-shuffled controls, when enabled (compare.randomized_baseline)
     summary: dict[str, float]  # statistics over all pairs (mean, std, CI), the ceiling, families; other sizes' prefixed "size<N>."
     # Per dictionary size (every size of sae.sizes; the primary's lists are ``pairs`` and ``replicate_pairs``):
     size_pairs: dict[int, list[PairResult]] = dataclasses.field(default_factory=dict)  # pairs of seeds at that size
@@ -69,6 +70,7 @@ class RunResult:
     # Feature splitting (a family only): per model ("seed0"), its dictionaries of consecutive sizes compared, smallest first
     splits: dict[str, list[SplitLevel]] = dataclasses.field(default_factory=dict)
     stage_folders: tuple[Path, ...] = ()  # every stage folder the run read, in stage order (what it cost: their build times)
+    untrained: PairResult | None = None  # the two untrained controls, beside the weight-shuffled ones
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,14 @@ class RunTask:
     progress: bool
     replicate: int = 0  # r > 0: replicate r of the model's SAE (the within-model ceiling)
     dict_size: int | None = None  # another size of the dictionary family than the primary (None)
+    untrained: bool = False  # the untrained control of ``seed``: its initial weights, not trained
 
     @property
     def name(self) -> str:
-        """The run's name: "seed0", "seed0-sae1", "seed0-d512" or "shuffled-seed0-1" (its progress line's label)."""
-        base = seed_name(self.seed) if self.shuffle_seed is None else shuffled_name(self.seed, self.shuffle_seed)
+        """The run's name: "seed0", "seed0-sae1", "seed0-d512", "shuffled-seed0-1" or "untrained-seed0" (its progress
+        line's label)."""
+        base = (untrained_name(self.seed) if self.untrained else seed_name(self.seed) if self.shuffle_seed is None
+                else shuffled_name(self.seed, self.shuffle_seed))
         return replica_name(base, self.replicate, self.dict_size)
 
 
@@ -97,27 +102,27 @@ class RunTask:
 class RunKeys:
     """The cache key of each per-run stage of a task: the one key chain that building and ``is_cached`` read."""
 
-    trained_model: str  # the seed's trained transformer
-    model: str  # the run's transformer: the trained one, or its weight-shuffled control
+    trained_model: str  # the seed's trained transformer (an untrained control's own key: nothing is trained)
+    model: str  # the run's transformer: the trained one, its weight-shuffled control, or the untrained control
     sae: str
     evaluation: str
     activations: str
     own_neurons: str
-
+    token_share: str
 
     def per_stage(self) -> list[tuple[object, str]]:
         """(stage module, key) of each per-run stage, in the order ``build_run`` does them."""
         return [(model, self.trained_model), (model, self.model), (sae, self.sae), (evaluation, self.evaluation),
-                (activations, self.activations), (own_neurons, self.own_neurons)]
+                (activations, self.activations), (own_neurons, self.own_neurons), (token_share, self.token_share)]
 
 
 def run_keys(task: RunTask, dataset: Dataset) -> RunKeys:
-    trained = model.key(dataset, task.cfg, task.seed)
+    trained = model.untrained_key(dataset, task.cfg, task.seed) if task.untrained else model.key(dataset, task.cfg, task.seed)
     run_model = trained if task.shuffle_seed is None else model.shuffled_key(trained, task.shuffle_seed)
     sae_key = sae.key(run_model, task.cfg, task.device, task.replicate, task.dict_size)
     acts_key = activations.key(dataset, sae_key, task.cfg)
     return RunKeys(trained, run_model, sae_key, evaluation.key(dataset, sae_key, task.cfg), acts_key,
-                   own_neurons.key(acts_key, task.cfg))
+                   own_neurons.key(acts_key, task.cfg), token_share.key(acts_key, task.cfg))
 
 
 @dataclass(frozen=True)
@@ -136,16 +141,20 @@ class RunPaths:
 
 
 def build_run(task: RunTask) -> RunPaths:
-    """model (or its shuffled control) -> sae -> evaluation -> activations -> own_neurons for one run."""
+    """model (or a control) -> sae -> evaluation -> activations -> own_neurons -> token_share for one run."""
     dataset = data.load(task.dataset_dir, task.dataset_key)
     keys, cfg, device, results = run_keys(task, dataset), task.cfg, task.device, task.results_dir
-    run_model = model.build(dataset, cfg, task.seed, keys.trained_model, device, results, task.progress)
+    if task.untrained:
+        run_model = model.build_untrained(dataset, cfg, task.seed, keys.model, results, device)
+    else:
+        run_model = model.build(dataset, cfg, task.seed, keys.trained_model, device, results, task.progress)
     if task.shuffle_seed is not None:
         run_model = model.build_shuffled(run_model, task.shuffle_seed, keys.model, results, device)
     run_sae = sae.build(dataset, run_model, cfg, keys.sae, device, results, task.replicate, task.progress, task.dict_size)
     evaluated = evaluation.build(dataset, run_model, run_sae, cfg, keys.evaluation, device, results)
     acts = activations.build(dataset, run_model, run_sae, cfg, keys.activations, device, results)
     own_neurons.build(evaluated, acts, cfg, keys.own_neurons, results)
+    token_share.build(dataset, evaluated, acts, cfg, keys.token_share, results)
     return RunPaths(run_sae.name, run_model.seed, task.replicate, keys, results)
 
 
@@ -160,12 +169,14 @@ def load_run(paths: RunPaths, device: str) -> SAERun:
     run_sae = sae.load(paths.folder(sae, keys.sae), keys.sae, paths.name, paths.replicate, device)
     run_sae = evaluation.load(paths.folder(evaluation, keys.evaluation), run_sae)
     run_sae = own_neurons.load(paths.folder(own_neurons, keys.own_neurons), run_sae)
+    run_sae = token_share.load(paths.folder(token_share, keys.token_share), run_sae)
     return SAERun(paths.name, run_model, run_sae, activations.load(paths.folder(activations, keys.activations)))
 
 
 def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str = "auto", progress: bool = True,
         engine: Engine = Engine()) -> RunResult:
-    """data -> per run (model -> SAE -> evaluation -> activations -> own neurons) -> pairs -> splits -> summary.
+    """data -> per run (model -> SAE -> evaluation -> activations -> own neurons -> token share) -> pairs -> splits
+    -> summary.
 
     ``engine`` says where the per-run stages, the pairs and the splits run; the results do not depend on it.
     """
@@ -199,12 +210,12 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
     by_kind: dict[tuple[str, int | None], list[PairResult]] = {}  # (kind, the size in the names) -> its pairs
     for result, (a, _, kind) in zip(compared, plan):
         by_kind.setdefault((kind, size_of(a)), []).append(result)
-    randomized = by_kind[("randomized", None)][0] if ("randomized", None) in by_kind else None
+    randomized, untrained = (by_kind[(kind, None)][0] if (kind, None) in by_kind else None for kind in ("randomized", "untrained"))
     sizes = {size: None if size == cfg.sae.dict_size else size for size in cfg.sae.sizes}  # size -> its name's size
     size_pairs = {size: by_kind.get(("cross-model", named), []) for size, named in sizes.items()}
     size_replicate_pairs = {size: by_kind.get(("same-model", named), []) for size, named in sizes.items()}
     saes = {name: r.sae for name, r in runs.items()}
-    summary = run_summary(size_pairs, size_replicate_pairs, randomized, saes, splits, seed_names, cfg)
+    summary = run_summary(size_pairs, size_replicate_pairs, randomized, saes, splits, seed_names, cfg, untrained)
     used = [(data, dataset.key), *(sk for paths in built for sk in paths.keys.per_stage()),
             *((pair, t[3]) for t in pair_tasks), *((split, t[3]) for t in split_tasks)]
     folders = sorted(dict.fromkeys(stage.STAGE.folder(results_dir, key) for stage, key in used),
@@ -212,7 +223,7 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
     primary = cfg.sae.dict_size
     return RunResult(cfg, dataset, {name: r.model for name, r in runs.items()}, saes,
                      {name: r.activations for name, r in runs.items()}, size_pairs[primary], size_replicate_pairs[primary],
-                     randomized, summary, size_pairs, size_replicate_pairs, splits, tuple(folders))
+                     randomized, summary, size_pairs, size_replicate_pairs, splits, tuple(folders), untrained)
 
 
 def _stage_module(name: str):
@@ -234,7 +245,7 @@ def family(run_names, cfg: ExperimentConfig, model: str) -> dict[int, str]:
 def pair_plan(run_names: list[str], seed_names: list[str], cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
     """(A, B, kind) of every comparison: at each dictionary size (the primary first), each pair of seeds
     (cross-model) and each pair of SAEs of one model (same-model: the ceiling); then the two weight-shuffled
-    controls (randomized)."""
+    controls (randomized) and the two untrained ones (untrained)."""
     plan = []
     for size in (cfg.sae.dict_size, *cfg.sae.sizes[-2::-1]):
         named = None if size == cfg.sae.dict_size else size
@@ -243,9 +254,10 @@ def pair_plan(run_names: list[str], seed_names: list[str], cfg: ExperimentConfig
         for name in seed_names:  # the seed's own SAE first, in task order
             replicas = [n for n in run_names if model_name(n) == name and size_of(n) == named]
             plan += [(a, b, "same-model") for a, b in itertools.combinations(replicas, 2)]
-    controls = [n for n in run_names if is_control(n)]
-    if controls:
-        plan.append((controls[0], controls[1], "randomized"))
+    for kind in ("randomized", "untrained"):
+        controls = [n for n in run_names if control_kind(n) == kind]
+        if controls:
+            plan.append((controls[0], controls[1], kind))
     return plan
 
 
@@ -262,18 +274,20 @@ def split_plan(run_names, seed_names: list[str], cfg: ExperimentConfig) -> list[
 def run_tasks(cfg: ExperimentConfig, dataset: Dataset, seeds: list[int], device: str, results_dir: Path,
               progress: bool) -> list[RunTask]:
     """One task per seed, then the replicate SAEs (of the first seed's model, or of every model), then
-    the two weight-shuffled controls of the first seed's model (if enabled); then the same seeds and
+    the two weight-shuffled controls of the first seed's model and the untrained controls of the first seed and the
+    next (the initial weights their training starts from; both if enabled); then the same seeds and
     replicates at every other size of the dictionary family, largest first."""
     replicated = seeds[:1] if cfg.sae.replicates_on == "first" else seeds
     runs = []
     for size in (None, *(s for s in reversed(cfg.sae.sizes) if s != cfg.sae.dict_size)):
-        runs += [(seed, None, 0, size) for seed in seeds]
-        runs += [(seed, None, r, size) for seed in replicated for r in range(1, cfg.sae.replicates + 1)]
+        runs += [(seed, None, 0, size, False) for seed in seeds]
+        runs += [(seed, None, r, size, False) for seed in replicated for r in range(1, cfg.sae.replicates + 1)]
         if cfg.compare.randomized_baseline and size is None:
-            runs += [(seeds[0], shuffle_seed, 0, None) for shuffle_seed in (1, 2)]
+            runs += [(seeds[0], shuffle_seed, 0, None, False) for shuffle_seed in (1, 2)]
+            runs += [(seed, None, 0, None, True) for seed in (seeds[0], seeds[0] + 1)]
     devices = spread_devices(device, len(runs))
-    return [RunTask(cfg, dataset.directory, dataset.key, seed, shuffle_seed, run_device, results_dir, progress, replicate, size)
-            for (seed, shuffle_seed, replicate, size), run_device in zip(runs, devices)]
+    return [RunTask(cfg, dataset.directory, dataset.key, seed, shuffle_seed, run_device, results_dir, progress, replicate, size,
+                    untrained) for (seed, shuffle_seed, replicate, size, untrained), run_device in zip(runs, devices)]
 
 
 @contextlib.contextmanager

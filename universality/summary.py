@@ -30,9 +30,10 @@ CEILING_RATIOS = ("features.max_corr_median", "features.max_corr_mean", "feature
 
 
 def summarize(pairs: list[PairResult], replicate_pairs: list[PairResult], randomized: PairResult | None,
-              names: list[str], cfg: ExperimentConfig) -> dict:
+              names: list[str], cfg: ExperimentConfig, untrained: PairResult | None = None) -> dict:
     """Statistics over all pairs (mean, std, seed-bootstrap CI), the within-model ceiling and the ratio of
-    cross-model universality to it, feature families and partner counts."""
+    cross-model universality to it, feature families and partner counts, the controls (``randomized.*``,
+    ``untrained.*``) and the gaps between the trained models and each null (``gap.*``)."""
     index = {name: i for i, name in enumerate(names)}
     units = [(index[model_name(p.run_a)], index[model_name(p.run_b)]) for p in pairs]
     summary = summarize_pairs([p.stats for p in pairs], units, len(names), cfg.compare.n_bootstrap) if pairs else {}
@@ -56,31 +57,65 @@ def summarize(pairs: list[PairResult], replicate_pairs: list[PairResult], random
         for run, counts in partner_counts(matchings, threshold=FAMILY_MIN_CORR).items():
             partnered_everywhere = counts[included[run]] == len(names) - 1
             summary[f"{names[run]}.frac_features_partnered_all_runs"] = float(partnered_everywhere.mean())
-    if randomized is not None:
-        for key, value in randomized.stats.items():
-            summary[f"randomized.{key}"] = value
-        if pairs:
-            summary["features.excess_over_randomized"] = (
-                summary["features.max_corr_mean_mean"] - randomized.stats["features.max_corr_mean"])
+    for prefix, control in (("randomized", randomized), ("untrained", untrained)):
+        if control is not None:
+            summary.update({f"{prefix}.{key}": value for key, value in control.stats.items()})
+    if randomized is not None and pairs:
+        summary["features.excess_over_randomized"] = (
+            summary["features.max_corr_mean_mean"] - randomized.stats["features.max_corr_mean"])
+    summary.update(gaps(summary))
     return summary
+
+
+GAP_NULLS = {"randomized": "randomized.{kind}features.max_corr_median",  # null -> its median max corr of SAE features
+             "untrained": "untrained.{kind}features.max_corr_median",
+             "token_lookup": "token_lookup.features.max_corr_median_mean"}
+
+
+def gaps(summary: dict[str, float]) -> dict[str, float]:
+    """The trained models' median max correlation of SAE features (mean over pairs) minus each null's, raw and
+    contextual: ``gap.raw.randomized``, ``gap.contextual.untrained``, ``gap.raw.token_lookup``, ... (the token-lookup
+    null has no contextual version: given the token, a per-token mean is constant)."""
+    out = {}
+    for kind, prefix in (("raw", ""), ("contextual", "contextual.")):
+        trained = summary.get(f"{prefix}features.max_corr_median_mean")
+        for null, template in GAP_NULLS.items():
+            if kind == "contextual" and null == "token_lookup":
+                continue
+            key = template.format(kind=prefix)
+            if trained is not None and key in summary:
+                out[f"gap.{kind}.{null}"] = trained - summary[key]
+    return out
 
 
 def summarize_own_neurons(saes: dict[str, RunSAE], names: list[str], cfg: ExperimentConfig) -> dict[str, float]:
     """The seeds' own SAEs against their models' neurons, over seeds (mean, std, seed-bootstrap CI):
     ``own_neurons.max_corr_median_mean``, ``own_neurons.neurons_for_90pct_median_mean``, ..."""
-    stats = [saes[name].own_neurons.stats for name in names]
-    over_seeds = summarize_pairs(stats, [(i,) for i in range(len(names))], len(names), cfg.compare.n_bootstrap)
+    over_seeds = _over_seeds([saes[name].own_neurons.stats for name in names], cfg)
     return {f"own_neurons.{key}": value for key, value in over_seeds.items()}
+
+
+def summarize_token_shares(saes: dict[str, RunSAE], names: list[str], cfg: ExperimentConfig) -> dict[str, float]:
+    """The seeds' features' and neurons' token and position shares, over seeds: ``token_share.features_median_mean``,
+    ``position_share.neurons_frac_ge_0.8_mean``, ... (none where the runs have no token-share stage)."""
+    if any(saes[name].token_shares is None for name in names):
+        return {}
+    return _over_seeds([saes[name].token_shares.stats for name in names], cfg)
+
+
+def _over_seeds(stats: list[dict[str, float]], cfg: ExperimentConfig) -> dict[str, float]:
+    return summarize_pairs(stats, [(i,) for i in range(len(stats))], len(stats), cfg.compare.n_bootstrap)
 
 
 def run_summary(size_pairs: dict[int, list[PairResult]], size_replicate_pairs: dict[int, list[PairResult]],
                 randomized: PairResult | None, saes: dict[str, RunSAE], splits: dict[str, list[SplitLevel]],
-                seed_names: list[str], cfg: ExperimentConfig) -> dict[str, float]:
+                seed_names: list[str], cfg: ExperimentConfig, untrained: PairResult | None = None) -> dict[str, float]:
     """A run's whole summary: the primary size's statistics (with the control and the own neurons), every other
     size's under its prefix (``size512.``), and the feature splitting between sizes."""
     primary = cfg.sae.dict_size
-    summary = summarize(size_pairs[primary], size_replicate_pairs[primary], randomized, seed_names, cfg)
+    summary = summarize(size_pairs[primary], size_replicate_pairs[primary], randomized, seed_names, cfg, untrained)
     summary.update(summarize_own_neurons(saes, seed_names, cfg))
+    summary.update(summarize_token_shares(saes, seed_names, cfg))
     for size in cfg.sae.sizes:
         if size != primary:
             stats = summarize(size_pairs[size], size_replicate_pairs[size], None, seed_names, cfg)

@@ -137,6 +137,25 @@ def record(model: OneLayerTransformer, sae: SAE, contexts: torch.Tensor, directo
     return HeldoutActivations(directory)
 
 
+def comparison_tokens(heldout: np.ndarray, ctx_len: int, n_tokens: int, skip: int) -> np.ndarray:
+    """[N] the current token id of each stored row, in ``record``'s row order (contexts in order, the first
+    ``skip`` positions of each left out)."""
+    return eval_contexts(heldout, ctx_len, n_tokens)[:, skip:].reshape(-1).numpy()
+
+
+def row_positions(n_rows: int, ctx_len: int, skip: int) -> np.ndarray:
+    """[N] each stored row's position in its context (``skip`` .. ``ctx_len - 1``)."""
+    return skip + np.arange(n_rows) % (ctx_len - skip)
+
+
+def with_tokens(chunks: Iterator[tuple], tokens: np.ndarray) -> Iterator[tuple]:
+    """``(a, b)`` row chunks with the token ids of their rows: ``(a, b, tokens)``."""
+    start = 0
+    for a, b in chunks:
+        yield a, b, tokens[start : start + a.shape[0]]
+        start += a.shape[0]
+
+
 def paired_chunks(a, b, transform_b=None, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple]:
     """Row chunks of two activation matrices over the same tokens (dense memmaps or CSR)."""
     for start in range(0, a.shape[0], chunk_rows):

@@ -1,6 +1,6 @@
 """The names of a univ run's runs, made and read in one place: "seed0" is seed 0's model and its own SAE,
 "seed0-sae1" the first replicate SAE of that model (the within-model ceiling), "shuffled-seed0-1" a
-weight-shuffled control. In a dictionary family (``sae.dict_sizes``) the primary (largest) size keeps these
+weight-shuffled control, "untrained-seed0" seed 0's architecture at its random initialization (the untrained control). In a dictionary family (``sae.dict_sizes``) the primary (largest) size keeps these
 names and another size N of the same model is "seed0-dN" (its replicates "seed0-dN-sae1"). Pairs, MLflow
 child runs, reports and the export all go by these names."""
 
@@ -11,6 +11,7 @@ import re
 from universality.core.config import ExperimentConfig
 
 SHUFFLED = "shuffled-"  # before a weight-shuffled control's model name
+UNTRAINED = "untrained-"  # before an untrained control's model name
 VERSUS = "-vs-"  # between the two runs of a pair
 REPLICATE = "-sae"  # between a model's name (and size) and a replicate's index
 SIZE = "-d"  # between a model's name and a non-primary dictionary size
@@ -55,9 +56,19 @@ def shuffled_name(seed: int, shuffle_seed: int) -> str:
     return f"{SHUFFLED}{seed_name(seed)}-{shuffle_seed}"
 
 
+def untrained_name(seed: int) -> str:
+    """The untrained control of seed ``seed``: the initial weights its training starts from, "untrained-seed0"."""
+    return f"{UNTRAINED}{seed_name(seed)}"
+
+
+def control_kind(run_name: str) -> str | None:
+    """The pair kind a control belongs to: "randomized" (weight-shuffled), "untrained", or None (not a control)."""
+    return "randomized" if run_name.startswith(SHUFFLED) else "untrained" if run_name.startswith(UNTRAINED) else None
+
+
 def is_control(run_name: str) -> bool:
-    """Whether a run is a control (a weight-shuffled model) rather than a seed's model or one of its SAEs."""
-    return run_name.startswith(SHUFFLED)
+    """Whether a run is a control (a weight-shuffled or an untrained model) rather than a seed's model or one of its SAEs."""
+    return control_kind(run_name) is not None
 
 
 def sae_run_name(cfg: ExperimentConfig, model: str, size: int, replicate: int = 0) -> str:

@@ -328,9 +328,11 @@ def token_share_bins(pair: TokenControlledPair, thresholds: Sequence[float]) -> 
 
 def token_control_statistics(pair: TokenControlledPair, basis: str, thresholds: Sequence[float]) -> dict[str, float]:
     """Flat, loggable: ``contextual.{basis}.*`` and ``token_lookup.{basis}.*`` (every ``pair_statistics``
-    key), and ``by_token_share.{basis}.{bin}.{n | raw.* | contextual.*}``; ``basis`` e.g. "features"."""
+    key), and ``by_token_share.{basis}.{bin}.{n | raw.* | contextual.*}``; ``basis`` e.g. "features", or ""
+    for one basis only (``contextual.*``)."""
+    scope = f".{basis}" if basis else ""
     return {
-        **{f"contextual.{basis}.{k}": v for k, v in pair.contextual.stats.items()},
-        **{f"token_lookup.{basis}.{k}": v for k, v in pair.token_lookup.stats.items()},
-        **{f"by_token_share.{basis}.{k}": v for k, v in token_share_bins(pair, thresholds).items()},
+        **{f"contextual{scope}.{k}": v for k, v in pair.contextual.stats.items()},
+        **{f"token_lookup{scope}.{k}": v for k, v in pair.token_lookup.stats.items()},
+        **{f"by_token_share{scope}.{k}": v for k, v in token_share_bins(pair, thresholds).items()},
     }

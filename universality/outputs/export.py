@@ -11,6 +11,12 @@ feature_a             int64    SAE feature index in seed_a
 seed_b                int64    the other seed
 feature_b             int64    seed_b feature with the highest activation correlation (-1: none)
 corr                  float64  its Pearson correlation on the comparison tokens (NaN: none)
+feature_b_context     int64    seed_b feature with the highest contextual correlation: both features' mean
+                               activation for the current token removed (-1: none, or feature_a is a
+                               function of the current token alone)
+corr_context          float64  that contextual correlation (the partial correlation given the token; NaN: none)
+token_share_a         float64  fraction of feature_a's activation variance explained by the current token
+                               alone, cross-fitted over two halves of the comparison tokens (NaN: constant)
 hungarian_b           int64    one-to-one (Hungarian) partner in seed_b (-1: none)
 hungarian_corr        float64  its correlation (NaN: none)
 mutual                bool     feature_a and feature_b are each other's best partner
@@ -62,6 +68,7 @@ FORMATS = ("csv", "parquet", "json")
 MATCHED_COLUMNS: dict[str, str] = {
     "seed_a": "int64", "feature_a": "int64", "seed_b": "int64",
     "feature_b": "int64", "corr": "float64",
+    "feature_b_context": "int64", "corr_context": "float64", "token_share_a": "float64",
     "hungarian_b": "int64", "hungarian_corr": "float64",
     "mutual": "bool", "logit_corr": "float64",
     "density_a": "float64", "density_b": "float64",
@@ -88,9 +95,9 @@ def reversed_matching(m: Matching) -> Matching:
     return Matching(m.best_a, m.best_a_corr, m.best_b, m.best_b_corr, hungarian_a, hungarian_a_corr, mutual_a)
 
 
-def _direction(m: Matching, a: RunSources, b: RunSources, tokens_a: list[str], tokens_b: list[str],
-               family_a: np.ndarray) -> pd.DataFrame:
-    """Rows of A's features matched into B."""
+def _direction(m: Matching, context: Matching, token_share_a: np.ndarray, a: RunSources, b: RunSources,
+               tokens_a: list[str], tokens_b: list[str], family_a: np.ndarray) -> pd.DataFrame:
+    """Rows of A's features matched into B, raw and given the current token (``context``)."""
     has = m.best_b != NO_PARTNER
     logit_corr = np.full(m.best_b.size, np.nan)
     logit_corr[has] = logit_weight_similarity(a.logit_weights, b.logit_weights, np.flatnonzero(has), m.best_b[has])
@@ -99,6 +106,7 @@ def _direction(m: Matching, a: RunSources, b: RunSources, tokens_a: list[str], t
     return pd.DataFrame({
         "seed_a": a.seed, "feature_a": np.arange(m.best_b.size), "seed_b": b.seed,
         "feature_b": m.best_b, "corr": m.best_b_corr,
+        "feature_b_context": context.best_b, "corr_context": context.best_b_corr, "token_share_a": token_share_a,
         "hungarian_b": m.hungarian_b, "hungarian_corr": m.hungarian_corr,
         "mutual": m.mutual, "logit_corr": logit_corr,
         "density_a": a.densities, "density_b": density_b[m.best_b],
@@ -158,13 +166,14 @@ def matched_table(pairs: Sequence[PairResult], sources: Mapping[str, RunSources]
     single = {name: s.single_position() for name, s in sources.items()}
     frames = []
     for p in [*pairs, *replicate_pairs]:
-        directions = ((p.matching, p.run_a, p.run_b), (reversed_matching(p.matching), p.run_b, p.run_a))
-        for (m, name_a, name_b), effect in zip(directions, effect_corr(p)):
+        directions = ((p.matching, p.context_matching, p.token_share_a, p.run_a, p.run_b),
+                      (reversed_matching(p.matching), reversed_matching(p.context_matching), p.token_share_b, p.run_b, p.run_a))
+        for (m, context, token_share, name_a, name_b), effect in zip(directions, effect_corr(p)):
             a, b = sources[name_a], sources[name_b]
             sae_a, sae_b = replicate_of(name_a), replicate_of(name_b)
             family = families[a.seed] if sae_a == 0 and a.seed in families else np.full(m.best_b.size, -1)
             own = own_neurons[name_a]
-            frames.append(_direction(m, a, b, top[name_a], top[name_b], family).assign(
+            frames.append(_direction(m, context, token_share, a, b, top[name_a], top[name_b], family).assign(
                 sae_a=sae_a, sae_b=sae_b, same_model=a.seed == b.seed, single_position_a=single[name_a],
                 own_neuron_a=own.neuron, own_neuron_corr_a=own.max_corr, neurons_for_90pct_a=own.neurons_for_90pct,
                 effect_corr=effect))
@@ -240,6 +249,9 @@ def read_table(path: Path, fmt: str, columns: Mapping[str, str]) -> pd.DataFrame
     else:
         frame = pd.DataFrame(json.loads(Path(path).read_text()), columns=list(columns))
         frame = frame.fillna({c: np.nan for c, t in columns.items() if t == "float64"})
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UnivError(f"{path}: no column {', '.join(missing)} (a table of an older univ: run again to rebuild it)")
     return _typed(frame, columns)
 
 

@@ -16,6 +16,8 @@ import click
 import numpy as np
 import pandas as pd
 
+from universality.outputs.formatting import number
+
 N_LOGIT_TOKENS = 8  # promoted / suppressed tokens shown per feature
 N_TOP_TOKENS = 5  # distinct top activating tokens in a table's summary column
 
@@ -38,6 +40,7 @@ class Partner:
     feature: int
     corr: float
     mutual: bool
+    corr_context: float  # its max correlation after both sides' current-token means are removed (any partner)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class FeatureCard:
     suppressed: list[tuple[str, float]]
     partners: list[Partner]
     position: int | None = None  # set: every top activation sits at this position of its context (a position feature)
+    token_share: float = float("nan")  # fraction of its activation variance that the current token explains
     lineage: Lineage | None = None  # set for a dictionary family's features: its parents and children
 
 
@@ -109,6 +113,7 @@ class RunSources:
             promoted=promoted,
             suppressed=suppressed,
             partners=partners(matched, self.seed, feature),
+            token_share=token_share(matched, self.seed, feature),
             position=(int(self.top_positions[feature, 0] % self.ctx_len)
                       if self.single_position(slice(feature, feature + 1))[0] else None),
         )
@@ -181,13 +186,24 @@ def logit_effects(weights_V: np.ndarray, vocab: list[str], n: int = N_LOGIT_TOKE
     return pick(order[::-1][:n]), pick(order[:n])
 
 
+def _own_rows(matched: pd.DataFrame, seed: int, feature: int) -> pd.DataFrame:
+    """``seed``'s ``feature`` (its own SAE) against every other model (replicate SAEs are the ceiling, not partners)."""
+    return matched[(matched.seed_a == seed) & (matched.feature_a == feature) & ~matched.same_model & (matched.sae_a == 0)]
+
+
 def partners(matched: pd.DataFrame, seed: int, feature: int) -> list[Partner]:
-    """Best partners of ``seed``'s ``feature`` in every other seed, from the matched feature table
-    (its own model's replicate SAEs are the ceiling, not partners)."""
-    rows = matched[(matched.seed_a == seed) & (matched.feature_a == feature) & (matched.feature_b >= 0)
-                   & ~matched.same_model & (matched.sae_a == 0)]
-    return [Partner(int(r.seed_b), int(r.feature_b), float(r.corr), bool(r.mutual))
-            for r in rows.sort_values("corr", ascending=False).itertuples()]
+    """Best partners of ``seed``'s ``feature`` in every other seed, from the matched feature table, highest
+    contextual correlation first (the part that is not the current token), the raw one beside it."""
+    rows = _own_rows(matched, seed, feature)
+    rows = rows[rows.feature_b >= 0].sort_values(["corr_context", "corr"], ascending=False, na_position="last")
+    return [Partner(int(r.seed_b), int(r.feature_b), float(r.corr), bool(r.mutual), float(r.corr_context))
+            for r in rows.itertuples()]
+
+
+def token_share(matched: pd.DataFrame, seed: int, feature: int) -> float:
+    """``seed``'s ``feature``'s token share, from the matched feature table (NaN: not in it)."""
+    rows = _own_rows(matched, seed, feature)
+    return float(rows.token_share_a.iloc[0]) if len(rows) else float("nan")
 
 
 def visible(text: str) -> str:
@@ -226,7 +242,8 @@ def _lineage_lines(family: Lineage) -> list[str]:
 def render_terminal(card: FeatureCard) -> str:
     """The card as terminal text, the activating token highlighted with ANSI styles."""
     size = "" if card.lineage is None else f" ({card.lineage.size:,}-feature SAE)"
-    lines = [click.style(f"seed{card.seed} feature {card.feature}{size}", bold=True) + f"  density {card.density:.3g}",
+    lines = [click.style(f"seed{card.seed} feature {card.feature}{size}", bold=True) + f"  density {card.density:.3g}"
+             f"  token share {number(card.token_share, '.2f')}",
              *([click.style(f"position feature: every top activation is at position {card.position} of its context",
                             fg="red")] if card.position is not None else []),
              "top activating contexts:"]
@@ -235,8 +252,8 @@ def render_terminal(card: FeatureCard) -> str:
         lines.append(f"{label}: " + ", ".join(f"{visible(t)!r} {w:+.2f}" for t, w in pairs))
     if card.lineage is None or card.lineage.primary:
         lines.append("best partners:" if card.partners else "best partners: none (no included partner)")
-        lines.extend(f"  seed{p.seed} feature {p.feature}: corr {p.corr:.3f}{' (mutual)' if p.mutual else ''}"
-                     for p in card.partners)
+        lines.extend(f"  seed{p.seed} feature {p.feature}: corr {p.corr:.3f}, contextual {number(p.corr_context)}"
+                     f"{' (mutual)' if p.mutual else ''}" for p in card.partners)
     lines += [] if card.lineage is None else _lineage_lines(card.lineage)
     return "\n".join(lines)
 
@@ -248,9 +265,10 @@ def render_html(card: FeatureCard) -> str:
                    f"{esc(ex.right)}</td></tr>" for ex in card.examples)
     effects = "".join(f"<p><b>{label}:</b> " + ", ".join(f"<code>{esc(t)}</code> {w:+.2f}" for t, w in pairs) + "</p>"
                       for label, pairs in (("promotes", card.promoted), ("suppresses", card.suppressed)))
-    partner_list = ", ".join(f"seed{p.seed}/{p.feature} ({p.corr:.3f}{', mutual' if p.mutual else ''})" for p in card.partners)
+    partner_list = ", ".join(f"seed{p.seed}/{p.feature} ({p.corr:.3f}, contextual {number(p.corr_context)}"
+                             f"{', mutual' if p.mutual else ''})" for p in card.partners)
     return (f"<div class='card'><h4>seed{card.seed} feature {card.feature} "
-            f"<small>density {card.density:.3g}</small></h4>"
+            f"<small>density {card.density:.3g}, token share {number(card.token_share, '.2f')}</small></h4>"
             + (f"<p><b>position feature:</b> every top activation is at position {card.position} of its context</p>"
                if card.position is not None else "")
             + f"<p><b>best partners:</b> {partner_list or 'none'}</p>{effects}"

@@ -5,7 +5,8 @@ seed (SAE features vs neurons vs randomly rotated neurons: the paper's universal
 density vs max correlation, activation vs logit-weight correlation of matched features, and
 the correlation block of the best-matched features. Per run: the same histogram over all
 pairs, the headline numbers beside the paper's, and cards of the most and least universal
-features. Every figure is a PNG file and is embedded (base64) in the HTML, so one HTML file
+features, ranked by contextual correlation (each feature's current-token mean removed, so the top is not a
+list of token detectors), and the features' and neurons' token shares. Every figure is a PNG file and is embedded (base64) in the HTML, so one HTML file
 stands alone and MLflow's artifact viewer shows both.
 """
 
@@ -32,7 +33,8 @@ from universality.core.errors import DataError  # noqa: E402
 from universality.outputs.feature_cards import RunSources, render_html  # noqa: E402
 from universality.analysis.own_neurons import NORM_SHARE, OwnNeurons  # noqa: E402
 from universality.analysis.pairs import PairResult  # noqa: E402
-from universality.core.run_names import replicate_of  # noqa: E402
+from universality.analysis.token_share import HIGH_SHARE, TokenShares  # noqa: E402
+from universality.core.run_names import control_kind, replicate_of  # noqa: E402
 
 PAPER_MEDIAN_MAX_CORR = {"features": 0.72, "neurons": 0.46}  # Towards Monosemanticity, A/1 vs B/1
 BASIS_LABELS = {"features": "SAE features", "neurons": "MLP neurons", "rotation": "rotated neurons (baseline)",
@@ -86,6 +88,25 @@ def universality_histogram(max_corr: Mapping[str, np.ndarray], title: str) -> Fi
     ax.set(xlabel="max activation correlation with the other seed", ylabel="density of features", title=title, xlim=(0, 1))
     ax.legend(fontsize=7, loc="best", framealpha=0.8)
     return render(fig, "universality.png", title)
+
+
+def token_share_histogram(shares: Mapping[str, TokenShares], title: str) -> Figure:
+    """How much of each SAE feature and each neuron is its current token (cross-fitted token share), pooled over
+    the runs in ``shares``, medians marked: features near 1 are token detectors any model reading these tokens has."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(0, 1, 41)
+    for label, color, values in (("SAE features", BASIS_COLORS["features"], [s.features_token for s in shares.values()]),
+                                 ("MLP neurons", BASIS_COLORS["neurons"], [s.neurons_token for s in shares.values()])):
+        x = np.concatenate(values)
+        x = x[np.isfinite(x)]
+        if x.size:
+            ax.hist(x, bins=bins, density=True, histtype="step", linewidth=2, color=color,
+                    label=f"{label} (median {np.median(x):.2f}, >= {HIGH_SHARE:g}: {(x >= HIGH_SHARE).mean():.1%}, n={x.size})")
+            ax.axvline(np.median(x), color=color, linewidth=1)
+    ax.set(xlabel="token share: fraction of activation variance explained by the current token", ylabel="density",
+           title=title, xlim=(0, 1))
+    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    return render(fig, "token_share.png", title)
 
 
 def own_neurons_figure(own: Mapping[str, OwnNeurons], cross_seed: np.ndarray, n_neurons: int) -> Figure:
@@ -233,17 +254,22 @@ def effect_histogram(top_corr: np.ndarray, random_corr: np.ndarray, title: str) 
 
 def ranked_features(matched: pd.DataFrame, seed_a: int, seed_b: int | None = None, sae_a: int = 0,
                     sae_b: int = 0) -> pd.DataFrame:
-    """The features of ``seed_a``'s SAE ``sae_a`` that have partners, ranked by max correlation: with SAE
-    ``sae_b`` of ``seed_b`` (another model, or a replicate of the same one), or averaged over every other
-    model when ``seed_b`` is None."""
+    """The features of ``seed_a``'s SAE ``sae_a`` that have partners, ranked by contextual max correlation
+    (``corr_context``: the current token's part removed), raw ``corr`` beside it: with SAE ``sae_b`` of ``seed_b``
+    (another model, or a replicate of the same one), or averaged over every other model when ``seed_b`` is None.
+    A feature with no contextual partner (a function of the current token alone) ranks last."""
     rows = matched[(matched.seed_a == seed_a) & (matched.sae_a == sae_a) & (matched.feature_b >= 0)]
     rows = rows[~rows.same_model] if seed_b is None else rows[(rows.seed_b == seed_b) & (rows.sae_b == sae_b)]
-    return rows.groupby("feature_a")["corr"].mean().sort_values(ascending=False).reset_index()
+    ranked = rows.assign(corr_context=rows.corr_context.fillna(0.0)).groupby("feature_a")[["corr_context", "corr"]].mean()
+    return ranked.sort_values(["corr_context", "corr"], ascending=False).reset_index()
 
 
 def _headline_table(stats: Mapping[str, float]) -> str:
     rows = [("median max corr, SAE features", "features.max_corr_median", PAPER_MEDIAN_MAX_CORR["features"]),
+            ("median max corr, SAE features, contextual (token means removed)", "contextual.features.max_corr_median", None),
+            ("median max corr, SAE features, token lookup (null)", "token_lookup.features.max_corr_median", None),
             ("median max corr, neurons", "neurons.max_corr_median", PAPER_MEDIAN_MAX_CORR["neurons"]),
+            ("median max corr, neurons, contextual", "contextual.neurons.max_corr_median", None),
             ("median max corr, rotated neurons", "rotation.max_corr_median", None),
             ("mean max corr, SAE features", "features.max_corr_mean", None),
             ("fraction of features with a partner above 0.5", "features.frac_above_0.5", None),
@@ -262,7 +288,8 @@ def _cards_section(ranked: pd.DataFrame, source: RunSources, matched: pd.DataFra
     bottom = ranked.tail(N_CARDS).feature_a[::-1]
     section = lambda title, feats: f"<h3>{title}</h3>" + "".join(  # noqa: E731
         render_html(source.card(int(f), matched)) for f in feats)
-    return (section(f"Most universal features of seed{source.seed}", top)
+    return (section(f"Most universal features of seed{source.seed} (by contextual correlation, the current token's "
+                    "part removed; raw beside it on each card)", top)
             + section(f"Least universal features of seed{source.seed} (that have a partner)", bottom))
 
 
@@ -281,23 +308,28 @@ def pair_report(pair: PairResult, figures: Sequence[Figure], matched: pd.DataFra
         ranked = ranked_features(matched, source_a.seed, source_b.seed, replicate_of(pair.run_a), replicate_of(pair.run_b))
         body += _cards_section(ranked, source_a, matched)
     else:
-        body += "<p>Randomized-transformer control (weight-shuffled models): no feature cards.</p>"
+        what = "Untrained control (models at their random initialization)" if control_kind(pair.run_a) == "untrained" else \
+            "Randomized-transformer control (weight-shuffled models)"
+        body += f"<p>{what}: no feature cards.</p>"
     return page(f"univ: {pair.run_a} vs {pair.run_b}", body)
 
 
 def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
                summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources],
-               sae_metrics: Mapping[str, Mapping], figure: Figure, own_section: str, by_size: str = "") -> str:
-    """The whole run: universality beside its ceiling and baselines, pooled histogram, per-pair rows, the
-    randomized control, features vs their own neurons (``own_section``), feature cards; a dictionary family's
+               sae_metrics: Mapping[str, Mapping], figure: Figure, own_section: str, by_size: str = "",
+               untrained: PairResult | None = None, token_section: str = "") -> str:
+    """The whole run: universality (raw and contextual) beside its ceiling, baselines, both controls and the
+    token-lookup null, pooled histogram, per-pair rows, the randomized control, the token shares
+    (``token_section``), features vs their own neurons (``own_section``), feature cards; a dictionary family's
     universality by size (``by_size``, HTML) after the ceiling."""
+    both = lambda p, basis: (f"<td>{number(p.stats.get(f'{basis}.max_corr_median'))}</td>"  # noqa: E731
+                             f"<td>{number(p.stats.get(f'contextual.{basis}.max_corr_median'))}</td>")
     per_pair = "".join(
-        f"<tr><td>{p.run_a} vs {p.run_b}</td><td>{number(p.stats['features.max_corr_median'])}</td>"
-        f"<td>{number(p.stats['neurons.max_corr_median'])}</td><td>{number(p.stats['rotation.max_corr_median'])}</td>"
+        f"<tr><td>{p.run_a} vs {p.run_b}</td>{both(p, 'features')}{both(p, 'neurons')}{both(p, 'rotation')}"
         f"<td>{number(p.stats['features.n_mutual'], COUNT)}</td></tr>" for p in pairs)
     per_pair += "".join(
-        f"<tr><td>{p.run_a} vs {p.run_b} (same model)</td><td>{number(p.stats['features.max_corr_median'])}</td>"
-        f"<td>–</td><td>–</td><td>{number(p.stats['features.n_mutual'], COUNT)}</td></tr>" for p in replicate_pairs)
+        f"<tr><td>{p.run_a} vs {p.run_b} (same model)</td>{both(p, 'features')}"
+        f"<td>–</td><td>–</td><td>–</td><td>–</td><td>{number(p.stats['features.n_mutual'], COUNT)}</td></tr>" for p in replicate_pairs)
     control = ("" if randomized is None else
                f"<p>Randomized-transformer control (weight-shuffled models): median max corr of SAE features "
                f"{number(randomized.stats['features.max_corr_median'])}.</p>")
@@ -307,40 +339,53 @@ def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult
                                                      "features.logit_corr_median_mutual", "cka",
                                                      "causal.effect_corr_median_top", "causal.effect_corr_median_random")}
     first = sources[pairs[0].run_a]
-    body = ("<h2>Universality against its ceiling</h2>" + _ceiling_table(summary, len(pairs), len(replicate_pairs), randomized)
+    body = ("<h2>Universality against its ceiling</h2>"
+            + _ceiling_table(summary, len(pairs), len(replicate_pairs), randomized, untrained)
             + by_size
             + "<h2>SAEs: quality and convergence</h2>" + _sae_table(sae_metrics)
             + "<h2>Headline (mean over pairs)</h2>" + _headline_table(pooled)
             + f"<p>Feature families spanning every seed: {number(summary.get('families.n_all_runs'), COUNT)}.</p>" + control
-            + "<h2>Pairs</h2><table><tr><th>pair</th><th>features</th><th>neurons</th><th>rotated neurons</th>"
+            + "<h2>Pairs</h2><p>Median max correlation, raw and contextual (each feature's current-token mean "
+            "removed).</p><table><tr><th>pair</th><th>features</th><th>contextual</th><th>neurons</th><th>contextual</th>"
+            "<th>rotated neurons</th><th>contextual</th>"
             + f"<th>mutual matches</th></tr>{per_pair}</table>" + figure.html()
+            + ("<h2>Token share</h2>" + token_section if token_section else "")
             + "<h2>Features vs the neurons of their own model</h2>" + own_section
             + _cards_section(ranked_features(matched, first.seed), first, matched))
     return page("univ: feature universality across seeds", body)
 
 
-CEILING_ROWS = (("SAE features, across models", "features.max_corr_median"),
-                ("SAE features, same model: two SAE seeds (the ceiling)", "ceiling.features.max_corr_median"),
-                ("neurons, across models", "neurons.max_corr_median"),
-                ("rotated neurons, across models (baseline)", "rotation.max_corr_median"))
+CEILING_ROWS = (("SAE features, across models", "", "features.max_corr_median"),  # (label, scope, statistic)
+                ("SAE features, same model: two SAE seeds (the ceiling)", "ceiling.", "features.max_corr_median"),
+                ("neurons, across models", "", "neurons.max_corr_median"),
+                ("rotated neurons, across models (baseline)", "", "rotation.max_corr_median"))
 
 
-def _ceiling_table(summary: Mapping[str, float], n_pairs: int, n_replicate_pairs: int, randomized: PairResult | None) -> str:
-    """Median max activation correlation across models beside the same-model ceiling, their ratio and the
-    baselines, each with its interval: what a cross-model number can be trusted to say."""
-    rows = [(label, summary.get(f"{key}_mean"), summary.get(f"{key}_ci_low"), summary.get(f"{key}_ci_high"))
-            for label, key in CEILING_ROWS]
-    rows.append(("across models / ceiling", summary.get("ceiling_ratio.features.max_corr_median"), None, None))
-    if randomized is not None:
-        rows.append(("SAE features, weight-shuffled models (control)", randomized.stats["features.max_corr_median"], None, None))
-    body = "".join(f"<tr><td>{label}</td><td>{number(mean)}</td><td>{number(low)} – {number(high)}</td></tr>"
-                   if low is not None else f"<tr><td>{label}</td><td>{number(mean)}</td><td></td></tr>"
-                   for label, mean, low, high in rows)
-    return (f"<table><tr><th>median max activation correlation</th><th>mean over pairs</th><th>95% interval</th></tr>{body}"
+def _ceiling_table(summary: Mapping[str, float], n_pairs: int, n_replicate_pairs: int, randomized: PairResult | None,
+                   untrained: PairResult | None = None) -> str:
+    """Median max activation correlation across models, raw and contextual, beside the same-model ceiling, their
+    ratio, the baselines, both controls and the token-lookup null, each with its interval: what a cross-model
+    number can be trusted to say."""
+    rows = [(label, summary.get(f"{scope}{key}_mean"), summary.get(f"{scope}contextual.{key}_mean"),
+             summary.get(f"{scope}{key}_ci_low"), summary.get(f"{scope}{key}_ci_high")) for label, scope, key in CEILING_ROWS]
+    rows.append(("across models / ceiling", summary.get("ceiling_ratio.features.max_corr_median"), None, None, None))
+    for label, control in (("weight-shuffled", randomized), ("untrained", untrained)):
+        if control is not None:
+            rows.append((f"SAE features, {label} models (control)", control.stats["features.max_corr_median"],
+                         control.stats.get("contextual.features.max_corr_median"), None, None))
+    rows.append(("SAE features, token lookup (null: per-token means alone)",
+                 summary.get("token_lookup.features.max_corr_median_mean"), None, None, None))
+    body = "".join(f"<tr><td>{label}</td><td>{number(mean)}</td><td>{number(context)}</td><td>"
+                   + (f"{number(low)} – {number(high)}" if low is not None else "") + "</td></tr>"
+                   for label, mean, context, low, high in rows)
+    return (f"<table><tr><th>median max activation correlation</th><th>mean over pairs</th><th>contextual</th>"
+            f"<th>95% interval (raw)</th></tr>{body}"
             f"</table><p>Across models: {n_pairs} pair(s) of seeds. Ceiling: {n_replicate_pairs} pair(s) of SAEs trained on "
             "the same transformer with different SAE seeds; a cross-model number can be no higher than the SAEs' own "
             "agreement. Intervals: percentile bootstrap over seeds (each resample draws seeds with replacement and "
-            "averages the pairs among the drawn seeds), none with fewer than 3 seeds.</p>")
+            "averages the pairs among the drawn seeds), none with fewer than 3 seeds. Contextual: the same after each "
+            "feature's mean activation for the current token is removed (the partial correlation given the token); "
+            "token lookup: each feature replaced by its per-token means, what token identity gives by itself.</p>")
 
 
 SAE_COLUMNS = (("FVU", "fvu", ".3f"), ("L0", "l0", ".1f"), ("dead", "dead_fraction", ".1%"),
@@ -387,15 +432,27 @@ def write_pair_report(pair: PairResult, matched: pd.DataFrame, sources: Mapping[
 def write_run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult], randomized: PairResult | None,
                      summary: Mapping[str, float], matched: pd.DataFrame, sources: Mapping[str, RunSources],
                      sae_metrics: Mapping[str, Mapping], folder: Path, *, own_neurons: Mapping[str, OwnNeurons],
-                     n_neurons: int, by_size: str = "") -> Path:
-    """The run report and its figures in ``folder``; ``own_neurons`` (by run name) of the pairs' seeds are shown."""
+                     n_neurons: int, by_size: str = "", untrained: PairResult | None = None,
+                     token_shares: Mapping[str, TokenShares] | None = None) -> Path:
+    """The run report and its figures in ``folder``; ``own_neurons`` and ``token_shares`` (by run name) of the pairs'
+    seeds are shown."""
     folder.mkdir(parents=True, exist_ok=True)
     pooled = pooled_max_corr(pairs, replicate_pairs)
     figure = universality_histogram(pooled, "all pairs: max activation correlation per feature")
     own = {name: own_neurons[name] for p in pairs for name in (p.run_a, p.run_b)}
     own_figure = own_neurons_figure(own, pooled["features"], n_neurons)
-    for drawn in (figure, own_figure):
-        write_figure(drawn, folder)
+    shares = {name: token_shares[name] for p in pairs for name in (p.run_a, p.run_b)} if token_shares else {}
+    share_figure = token_share_histogram(shares, "seeds' SAE features and neurons: token share") if shares else None
+    for drawn in (figure, own_figure, share_figure):
+        if drawn is not None:
+            write_figure(drawn, folder)
+    token_section = "" if share_figure is None else (
+        f"<p>Token share: the fraction of a feature's activation variance explained by the current token alone, "
+        f"cross-fitted over two halves of the comparison tokens (a token seen once cannot score 1). Median over "
+        f"features, mean over seeds: SAE features {number(summary.get('token_share.features_median_mean'))}, neurons "
+        f"{number(summary.get('token_share.neurons_median_mean'))}; position share (the same for the position in "
+        f"context): SAE features {number(summary.get('position_share.features_median_mean'))}.</p>" + share_figure.html())
     write_text(folder / "report.html", run_report(pairs, replicate_pairs, randomized, summary, matched, sources,
-                                                  sae_metrics, figure, _own_neurons_table(own) + own_figure.html(), by_size))
+                                                  sae_metrics, figure, _own_neurons_table(own) + own_figure.html(), by_size,
+                                                  untrained, token_section))
     return folder

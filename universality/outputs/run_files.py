@@ -30,7 +30,7 @@ class PairFiles:
     """One comparison's child run: the pair, its kind and the folder of its report."""
 
     pair: PairResult
-    kind: str  # "pair" (two seeds) | "replicate-pair" (two SAEs of one model) | "randomized-pair" (the controls)
+    kind: str  # "pair" (two seeds) | "replicate-pair" (two SAEs of one model) | "randomized-pair" | "untrained-pair" (the controls)
     folder: Path
     size: int | None = None  # another dictionary size than the primary, tagged on its run
 
@@ -56,7 +56,8 @@ def write_run_files(result, root: Path) -> RunFiles:
     own = {name: sae.own_neurons for name, sae in result.saes.items()}
     matched, families = export.matched_table(result.pairs, sources, result.replicate_pairs, own_neurons=own)
     figures = {name: write_density_figure(result.saes[name], name, root / "runs" / name) for name in result.models}
-    control = [(result.randomized, "randomized-pair")] if result.randomized is not None else []
+    control = [(pair, f"{kind}-pair") for pair, kind in ((result.randomized, "randomized"), (result.untrained, "untrained"))
+               if pair is not None]
     pairs = [PairFiles(pair, kind, reports.write_pair_report(pair, matched, sources, root / "pairs" / pair_name(pair.run_a, pair.run_b)))
              for pair, kind in [*((p, "pair") for p in result.pairs), *((p, "replicate-pair") for p in result.replicate_pairs),
                                 *control]]
@@ -70,7 +71,8 @@ def write_run_files(result, root: Path) -> RunFiles:
     if result.pairs:
         reports.write_run_report(result.pairs, result.replicate_pairs, result.randomized, result.summary, matched, sources,
                                  {name: sae.metrics for name, sae in result.saes.items()}, root / "report", own_neurons=own,
-                                 n_neurons=result.cfg.model.d_mlp, by_size=sections)
+                                 n_neurons=result.cfg.model.d_mlp, by_size=sections, untrained=result.untrained,
+                                 token_shares={name: sae.token_shares for name, sae in result.saes.items()})
     return RunFiles(root, figures, pairs, matched)
 
 

@@ -1,5 +1,6 @@
 """What ``univ run`` prints when it finishes: each run's losses and SAE, each pair, then the universality
-headline with its ceiling (two SAEs of one model) and baselines beside it, so each number says how far to
+headline, raw and contextual (the current token's part removed), with its ceiling (two SAEs of one model),
+baselines, controls and the token-lookup null beside it, so each number says how far to
 trust it; for a dictionary family, universality by size and feature splitting."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from universality.outputs.formatting import number
 def describe(result) -> str:
     """The lines for a finished ``pipeline.RunResult``."""
     lines = [*run_lines(result), *pair_lines(result)]
-    lines += headline(result.summary, len(result.pairs), len(result.replicate_pairs), result.randomized)
+    lines += headline(result.summary, len(result.pairs), len(result.replicate_pairs), result.randomized, result.untrained)
     lines += size_lines(result) + split_lines(result)
     lines.append(f"results in {result.dataset.results_dir}")
     return "\n".join(lines)
@@ -39,11 +40,15 @@ def run_lines(result) -> list[str]:
 
 
 def pair_lines(result) -> list[str]:
-    """A line per pair of seeds (features, neurons, rotated neurons) and per pair of SAEs of one model."""
-    lines = [f"{p.run_a} vs {p.run_b}: median max corr features {p.stats['features.max_corr_median']:.3f} | "
-             f"neurons {p.stats['neurons.max_corr_median']:.3f} | rotated neurons {p.stats['rotation.max_corr_median']:.3f}"
-             for p in result.pairs]
-    return lines + [f"{p.run_a} vs {p.run_b} (same model): median max corr features {p.stats['features.max_corr_median']:.3f} | "
+    """A line per pair of seeds (features, neurons, rotated neurons) and per pair of SAEs of one model, each median
+    raw (contextual in brackets, where the pair has it)."""
+    def median(p, basis: str) -> str:
+        contextual = p.stats.get(f"contextual.{basis}.max_corr_median")
+        return f"{p.stats[f'{basis}.max_corr_median']:.3f}" + ("" if contextual is None else f" ({number(contextual)})")
+
+    lines = [f"{p.run_a} vs {p.run_b}: median max corr (contextual) features {median(p, 'features')} | "
+             f"neurons {median(p, 'neurons')} | rotated neurons {median(p, 'rotation')}" for p in result.pairs]
+    return lines + [f"{p.run_a} vs {p.run_b} (same model): median max corr (contextual) features {median(p, 'features')} | "
                     f"decoder cosine, one-to-one {p.stats['decoder.cos_hungarian_median']:.3f}" for p in result.replicate_pairs]
 
 
@@ -76,32 +81,53 @@ def split_lines(result) -> list[str]:
     return lines
 
 
-def headline(summary: dict, n_pairs: int, n_replicate_pairs: int, randomized) -> list[str]:
-    """Median max activation correlation of SAE features across models, beside its ceiling, their ratio
-    and the baselines (mean over pairs, with the 95% interval from resampling seeds)."""
+def headline(summary: dict, n_pairs: int, n_replicate_pairs: int, randomized, untrained=None) -> list[str]:
+    """Median max activation correlation of SAE features across models, raw and contextual (each feature's
+    current-token mean removed) side by side, beside its ceiling, their ratio, the baselines, both controls and
+    the token-lookup null, and the gap to each null (mean over pairs, with the 95% interval from resampling seeds)."""
     if not n_pairs and not n_replicate_pairs:
         return []
 
-    def row(label: str, key: str) -> list[str]:
-        if f"{key}_mean" not in summary:
-            return []
+    def cell(key: str) -> str:
+        if key not in summary and f"{key}_mean" not in summary:
+            return f"{'–':<22}"
         low, high = summary.get(f"{key}_ci_low"), summary.get(f"{key}_ci_high")
-        interval = f"  [{number(low)}, {number(high)}]" if number(low) != "–" else ""
-        return [f"  {label:<50} {number(summary[f'{key}_mean'])}{interval}"]
+        interval = f" [{number(low)}, {number(high)}]" if number(low) != "–" else ""
+        return f"{number(summary.get(f'{key}_mean', summary.get(key))) + interval:<22}"
+
+    def row(label: str, key: str, contextual: str | None) -> list[str]:
+        if f"{key}_mean" not in summary and key not in summary:
+            return []
+        return [f"  {label:<50} {cell(key)} {cell(contextual) if contextual else '':<22}".rstrip()]
+
+    def both(label: str, basis_key: str, scope: str = "") -> list[str]:
+        return row(label, f"{scope}{basis_key}", f"{scope}contextual.{basis_key}")
 
     lines = [f"universality: median max activation correlation, mean over {n_pairs} pair{'s' * (n_pairs != 1)} of models"
-             " [95% interval, resampling seeds; none below 3 seeds]", *row("SAE features, across models", "features.max_corr_median")]
+             " [95% interval, resampling seeds; none below 3 seeds]",
+             f"  {'':<50} {'raw':<22} {'contextual (token means removed)'}",
+             *both("SAE features, across models", "features.max_corr_median")]
     if n_replicate_pairs:
-        lines += row(f"SAE features, same model (ceiling, {n_replicate_pairs} SAE pair{'s' * (n_replicate_pairs > 1)})",
-                     "ceiling.features.max_corr_median")
+        lines += both(f"SAE features, same model (ceiling, {n_replicate_pairs} SAE pair{'s' * (n_replicate_pairs > 1)})",
+                      "features.max_corr_median", "ceiling.")
         if "ceiling_ratio.features.max_corr_median" in summary:
             lines.append(f"  {'across models / ceiling':<50} {number(summary['ceiling_ratio.features.max_corr_median'])}")
-    lines += row("neurons", "neurons.max_corr_median") + row("rotated neurons (baseline)", "rotation.max_corr_median")
-    lines += row("SAE features vs own neurons (mean over seeds)", "own_neurons.max_corr_median")
-    if randomized is not None:
-        lines.append(f"  {'SAE features, weight-shuffled models':<50} {number(randomized.stats['features.max_corr_median'])}")
+    lines += both("neurons", "neurons.max_corr_median") + both("rotated neurons (baseline)", "rotation.max_corr_median")
+    lines += row("SAE features vs own neurons (mean over seeds)", "own_neurons.max_corr_median", None)
+    for label, scope, control in (("weight-shuffled", "randomized.", randomized), ("untrained", "untrained.", untrained)):
+        if control is not None:
+            lines += both(f"SAE features, {label} models", "features.max_corr_median", scope)
+    lines += row("SAE features, token lookup (per-token means alone)", "token_lookup.features.max_corr_median", None)
+    gaps = [f"{label} {number(summary.get(f'gap.raw.{null}'))} | {number(summary.get(f'gap.contextual.{null}'))}"
+            for null, label in (("randomized", "weight-shuffled"), ("untrained", "untrained"), ("token_lookup", "token lookup"))
+            if f"gap.raw.{null}" in summary]
+    if gaps:
+        lines.append(f"  {'across models minus each null (raw | contextual)':<50} " + "; ".join(gaps))
+    if "token_share.features_median_mean" in summary:
+        lines.append(f"  {'token share, median (mean over seeds)':<50} SAE features "
+                     f"{number(summary['token_share.features_median_mean'])} | neurons {number(summary.get('token_share.neurons_median_mean'))}")
     if "causal.effect_corr_median_top_mean" in summary:
         lines += ["causal universality: median correlation of ablation effects (per-token change in next-token log-prob)",
-                  *row("top mutual matches (compare.causal_top_n)", "causal.effect_corr_median_top"),
-                  *row("random feature pairs", "causal.effect_corr_median_random")]
+                  *row("top mutual matches (compare.causal_top_n)", "causal.effect_corr_median_top", None),
+                  *row("random feature pairs", "causal.effect_corr_median_random", None)]
     return lines

@@ -1,5 +1,6 @@
 """The model stage: one seed's transformer, trained on the training tokens (resuming from its last checkpoint),
-or the paper's randomized-transformer control: a trained model with every weight tensor's entries permuted."""
+or a control: the paper's randomized transformer (a trained model with every weight tensor's entries permuted), or
+the untrained transformer (a seed's initial weights, as Heap et al. 2025 compare SAEs of random transformers with)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.training import TrainingResult, train_transformer
+from models.training import TrainingResult, build_model, train_transformer
 from models.transformer import OneLayerTransformer, TransformerConfig
 from universality.core.config import ExperimentConfig
-from universality.core.run_names import seed_name, shuffled_name
+from universality.core.run_names import seed_name, shuffled_name, untrained_name
 from universality.runtime import cache
 from universality.runtime.atomic import atomic_path, write_text
 from universality.stages.data import Dataset
@@ -49,6 +50,11 @@ def shuffled_key(base_key: str, shuffle_seed: int) -> str:
     return cache.stage_key("shuffled", STAGE.version, model=base_key, shuffle_seed=shuffle_seed)
 
 
+def untrained_key(dataset: Dataset, cfg: ExperimentConfig, seed: int) -> str:
+    """An untrained control's key (in the model stage's folder): the architecture and the seed its weights are drawn with."""
+    return cache.stage_key("untrained", STAGE.version, model=transformer_config(cfg, dataset).to_dict(), seed=seed)
+
+
 def build(dataset: Dataset, cfg: ExperimentConfig, seed: int, model_key: str, device: str, results_dir: Path,
           progress: bool = True) -> RunModel:
     """Train (or reuse) the transformer of one seed; resumes from its last checkpoint."""
@@ -80,16 +86,35 @@ def build_shuffled(base: RunModel, shuffle_seed: int, control_key: str, results_
 
     def compute(directory: Path) -> dict:
         generator = torch.Generator().manual_seed(shuffle_seed)
-        state = {k: v.cpu().flatten()[torch.randperm(v.numel(), generator=generator)].reshape(v.shape)
-                 for k, v in base.model.state_dict().items()}
-        with atomic_path(directory / "model.safetensors") as tmp:
-            save_file(state, str(tmp))
-        write_text(directory / "config.json", json.dumps(base.model.cfg.to_dict(), indent=1))
-        write_text(directory / "history.json", "[]")
+        _save_weights(directory, {k: v.cpu().flatten()[torch.randperm(v.numel(), generator=generator)].reshape(v.shape)
+                                  for k, v in base.model.state_dict().items()}, base.model.cfg)
         return {"metrics": {}, "shuffled_from": base.key}
 
     directory = STAGE.build(results_dir, control_key, compute, f"transformer {name}")
     return load(directory, control_key, name, base.seed, device)
+
+
+def build_untrained(dataset: Dataset, cfg: ExperimentConfig, seed: int, control_key: str, results_dir: Path,
+                    device: str) -> RunModel:
+    """The untrained control: seed ``seed``'s transformer at the initialization its training starts from
+    (``models.training.build_model``), no step taken."""
+    name = untrained_name(seed)
+
+    def compute(directory: Path) -> dict:
+        untrained = build_model(transformer_config(cfg, dataset), seed)
+        _save_weights(directory, untrained.state_dict(), untrained.cfg)
+        return {"metrics": {}, "untrained_seed": seed}
+
+    directory = STAGE.build(results_dir, control_key, compute, f"transformer {name}")
+    return load(directory, control_key, name, seed, device)
+
+
+def _save_weights(directory: Path, state: dict[str, torch.Tensor], model_cfg: TransformerConfig) -> None:
+    """A control's weights and config, with an empty training history."""
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    write_text(directory / "config.json", json.dumps(model_cfg.to_dict(), indent=1))
+    write_text(directory / "history.json", "[]")
 
 
 def load(directory: Path, key: str, name: str, seed: int, device: str) -> RunModel:

@@ -20,6 +20,7 @@ from sae.base import SAE
 from sae.checkpoint import load_sae, save_sae
 from sae.training import resolve_precision, train_sae
 from universality.analysis.own_neurons import OwnNeurons
+from universality.analysis.token_share import TokenShares
 from universality.core.config import ExperimentConfig
 from universality.core.run_names import replica_name
 from universality.runtime import cache
@@ -44,6 +45,7 @@ class RunSAE:
     metrics: dict = dataclasses.field(default_factory=dict)  # the evaluation stage's: evaluate_sae, loss recovered, convergence
     evaluation: Path | None = None  # the evaluation stage's folder
     own_neurons: OwnNeurons | None = None  # the own_neurons stage's: its features vs its model's neurons
+    token_shares: TokenShares | None = None  # the token_share stage's: its features' and neurons' token and position shares
 
     def decoder(self):
         """The decoder's feature directions [F, d_mlp] as float32 numpy."""

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from mlflow.entities import Metric
 
-KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair | steer (univ steer --log)
+KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair | untrained-pair | steer (univ steer --log)
 TABLES = {"matched": "tables/matched_features.parquet", "families": "tables/matched_features.families.parquet"}
 DECILES = "tables/deciles.json"  # a parent's and each pair's statistics by feature-density decile
 FINGERPRINT = "univ.fingerprint"  # on a logged parent run: what its logged outputs depend on (``tracker.fingerprint``)
@@ -19,12 +19,17 @@ SAME_AS = "univ.same_as"  # on a re-run's parent: the run that logged its childr
 
 
 # MLflow's UI groups a run's charts into sections by the name's prefix before a "/", in code-point
-# order: the capitalized headline section comes before every lowercase one.
+# order: the capitalized headline section comes before every lowercase one. It holds at most 8 charts: raw and
+# contextual for features and neurons, rotated neurons, the ceiling, the ratio to it and the weight-shuffled
+# control; the other contextual, control and null statistics chart under their own sections ("contextual/",
+# "untrained/", "token_lookup/", "gap/", "token_share/").
 HEADLINE = "Universality"
 HEADLINE_NAMES = {  # internal key -> its name in the headline section
     **{f"{basis}.max_corr_median{over_pairs}": f"{HEADLINE}/{name}_median_max_corr"
        for basis, name in (("features", "features"), ("neurons", "neurons"), ("rotation", "rotated_neurons"))
        for over_pairs in ("", "_mean")},  # a pair's statistic; on the parent, its mean over pairs
+    **{f"contextual.{basis}.max_corr_median{over_pairs}": f"{HEADLINE}/{basis}_contextual_median_max_corr"
+       for basis in ("features", "neurons") for over_pairs in ("", "_mean")},  # the same, current-token means removed
     "randomized.features.max_corr_median": f"{HEADLINE}/randomized_features_median_max_corr",
     "ceiling.features.max_corr_median_mean": f"{HEADLINE}/ceiling_features_median_max_corr",
     "ceiling_ratio.features.max_corr_median": f"{HEADLINE}/features_over_ceiling",

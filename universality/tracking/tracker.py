@@ -158,7 +158,8 @@ class Tracker:
                           *curves(sae.history, "sae/"),
                           *[m for e in sae.resampling_events for m in metrics_from({"n_resampled": e["n_resampled"]}, "sae/", e["step"])],
                           *metrics_from(sae_final, "sae_eval/"),
-                          *metrics_from(sae.own_neurons.stats, "own_neurons/")],
+                          *metrics_from(sae.own_neurons.stats, "own_neurons/"),
+                          *metrics_from(sae.token_shares.stats if sae.token_shares else {})],
                  params={"seed": model.seed, "model_key": model.key, "sae_key": sae.key, "sae_replicate": sae.replicate})
         self.client.log_artifacts(run_id, str(figures), "figures")
         if trained:
