@@ -68,3 +68,14 @@ def sae_run_name(cfg: ExperimentConfig, model: str, size: int, replicate: int = 
 def pair_name(run_a: str, run_b: str) -> str:
     """A pair's child run and report folder: "seed0-vs-seed1"."""
     return f"{run_a}{VERSUS}{run_b}"
+
+
+CROSSCODER = "crosscoder"  # a crosscoder over every seed's model; its controls and seeds are suffixed
+CROSSCODER_CONTROLS = ("identity", "shuffled")  # the first seed's model with itself | with its weight-shuffled copy
+
+
+def crosscoder_name(control: str | None = None, replicate: int = 0) -> str:
+    """"crosscoder" over every seed's model, "crosscoder-identity" / "crosscoder-shuffled" for a control,
+    "crosscoder-r1" for the first extra crosscoder seed on the same models."""
+    name = CROSSCODER if control is None else f"{CROSSCODER}-{control}"
+    return name if replicate == 0 else f"{name}-r{replicate}"
