@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 from mlflow.entities import Metric
 
-KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair | steer (univ steer --log)
+KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair | crosscoder | steer (univ steer --log)
 TABLES = {"matched": "tables/matched_features.parquet", "families": "tables/matched_features.families.parquet"}
+CROSSCODER_TABLE = "tables/crosscoder.parquet"  # the crosscoder's latents table on the parent (crosscoder.enabled)
 DECILES = "tables/deciles.json"  # a parent's and each pair's statistics by feature-density decile
 
 
