@@ -235,3 +235,8 @@ def test_univ_crosscoder_writes_checkpoint_and_latents(acts, tmp_path, one_threa
     assert np.allclose(latents[["norm_0", "norm_1"]].to_numpy(), norms, atol=1e-6)
     assert set(latents["class"]) <= {"shared", "exclusive-0", "exclusive-1", "dead"}
     assert latents["density"].between(0, 1).all() and (latents.loc[latents["class"] == "dead", "density"] == 0).all()
+
+
+def test_per_model_saes_refuse_a_crosscoder_arch(tiny_cfg):
+    with pytest.raises(ConfigError, match=r"\[crosscoder\] section"):
+        tiny_cfg.replace(sae={"arch": "crosscoder-l1"})

@@ -1,7 +1,7 @@
-"""A run's crosscoders (``stages.crosscoder.RunCrosscoder``s) beside its per-model SAEs: each latent's best-matched SAE feature in each model (activation
-correlation on the comparison tokens), the mutual matches of per-model matching that one shared latent accounts for,
-the crosscoder's seed stability (two crosscoder seeds on the same models, matched as two SAEs of one model are), and
-the statistics a run reports under ``crosscoder.``."""
+"""A run's crosscoders (``stages.crosscoder.RunCrosscoder``) beside its per-model SAEs: each latent's best-matched
+SAE feature in each model (activation correlation on the comparison tokens), the mutual matches of per-model matching
+that one shared latent accounts for, the crosscoder's seed stability (two crosscoder seeds on the same models,
+matched as two SAEs of one model are), and the statistics a run reports under ``crosscoder.``."""
 
 from __future__ import annotations
 

@@ -268,6 +268,9 @@ class ExperimentConfig:
         _require(self.compare.tokens <= self.data.heldout_tokens,
                  f"compare.tokens ({self.compare.tokens}) must not exceed data.heldout_tokens ({self.data.heldout_tokens}): "
                  "activations are compared on held-out tokens")
+        _require(self.sae.arch not in CROSSCODER_ARCHITECTURES,
+                 f"sae.arch {self.sae.arch!r} is a crosscoder: the per-model SAEs need 'relu' or 'topk'; "
+                 "a run's crosscoder is the [crosscoder] section")
         _require(self.crosscoder.samples >= self.sae.batch_size,
                  f"crosscoder.samples must be >= sae.batch_size ({self.sae.batch_size})")
         _require(not (self.crosscoder.enabled and self.crosscoder.shuffled_control) or self.compare.randomized_baseline,
