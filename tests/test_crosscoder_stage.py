@@ -23,6 +23,7 @@ from universality.analysis.crosscoder import seed_stability
 from universality.cli import main
 from universality.core.config import ExperimentConfig, SAEConfig
 from universality.core.errors import ConfigError
+from universality.core.run_names import crosscoder_role
 from universality.measures.crosscoder import class_fractions, mutual_matches_one_latent
 from universality.measures.matching import NO_PARTNER, match
 from universality.measures.correlation import to_csr
@@ -115,6 +116,7 @@ def test_crosscoder_plan_follows_the_config(tiny_cfg):
                     ("crosscoder-r2", ["seed3", "seed5"], 2), ("crosscoder-identity", ["seed3", "seed3"], 0),
                     ("crosscoder-shuffled", ["seed3", "shuffled-seed3-1"], 0)]
     assert pipeline.crosscoder_plan([3, 5], tiny_cfg) == [] and pipeline.crosscoder_plan([3], on) == []
+    assert [crosscoder_role(name) for name, *_ in plan] == ["main", "replicate", "replicate", "identity", "shuffled"]
     with pytest.raises(ConfigError, match="randomized_baseline"):
         tiny_cfg.replace(crosscoder={"enabled": True, "shuffled_control": True})
     with pytest.raises(ConfigError, match=r"crosscoder\.k"):

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from universality.analysis.heldout import paired_chunks
 from universality.analysis.pairs import PairResult
 from universality.core.config import CompareConfig
+from universality.core.run_names import crosscoder_role
 from universality.measures import crosscoder as measures
 from universality.measures.comparison import compare, correlate
 from universality.measures.matching import Matching, match
@@ -74,9 +75,8 @@ def run_statistics(crosscoders: Mapping, main: str, replicates: Sequence[str],
     crosscoder against each extra seed (median over them)."""
     stats = {f"crosscoder.{k}": v for k, v in {**crosscoder_statistics(crosscoders[main]), **beside}.items()}
     for name, cc in crosscoders.items():
-        if name != main and name not in replicates:
-            control = name.removeprefix(f"{main}-")
-            stats |= {f"crosscoder.{control}.{k}": v for k, v in crosscoder_statistics(cc).items() if not k.startswith("fvu_")}
+        if (role := crosscoder_role(name)) not in ("main", "replicate"):
+            stats |= {f"crosscoder.{role}.{k}": v for k, v in crosscoder_statistics(cc).items() if not k.startswith("fvu_")}
     if replicates:
         stability = [seed_stability(crosscoders[main], crosscoders[r], cfg) for r in replicates]
         stats |= {f"crosscoder.seed_stability.{k}": float(np.median([s[k] for s in stability])) for k in stability[0]}

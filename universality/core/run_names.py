@@ -79,3 +79,12 @@ def crosscoder_name(control: str | None = None, replicate: int = 0) -> str:
     "crosscoder-r1" for the first extra crosscoder seed on the same models."""
     name = CROSSCODER if control is None else f"{CROSSCODER}-{control}"
     return name if replicate == 0 else f"{name}-r{replicate}"
+
+
+def crosscoder_role(name: str) -> str:
+    """What a crosscoder is, from its name: "main" ("crosscoder"), "replicate" (an extra seed, "crosscoder-r1") or its
+    control ("identity", "shuffled")."""
+    match = re.fullmatch(rf"{CROSSCODER}(?:-(?P<control>{'|'.join(CROSSCODER_CONTROLS)}))?(?:-r(?P<replicate>\d+))?", name)
+    if match is None:
+        raise ValueError(f"not a crosscoder's name: {name!r}")
+    return "replicate" if match["replicate"] else match["control"] or "main"

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from universality.core.run_names import crosscoder_name  # noqa: E402
+from universality.core.run_names import crosscoder_name, crosscoder_role  # noqa: E402
 from universality.outputs.feature_cards import top_tokens  # noqa: E402
 from universality.outputs.formatting import number  # noqa: E402
 from universality.outputs.reports import Figure, render  # noqa: E402
@@ -97,8 +97,9 @@ def crosscoder_section(crosscoders: Mapping, summary: Mapping[str, float], figur
     """The run report's crosscoder section: the class table of the crosscoder and each control, its FVU per model,
     seed stability and the comparison with per-model matching, and the relative-norm histogram."""
     main = crosscoder_name()
-    columns = {name: "crosscoder." if name == main else f"crosscoder.{name.removeprefix(main + '-')}."
-               for name in crosscoders if not name.startswith(f"{main}-r")}
+    roles = {name: crosscoder_role(name) for name in crosscoders}
+    columns = {name: "crosscoder." if role == "main" else f"crosscoder.{role}."
+               for name, role in roles.items() if role != "replicate"}
     head = "".join(f"<th>{html.escape(name)} ({html.escape(', '.join(crosscoders[name].models))})</th>" for name in columns)
     body = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{number(summary.get(prefix + key))}</td>" for prefix in columns.values())
                    + "</tr>" for label, key in CLASS_ROWS)
