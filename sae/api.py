@@ -1,23 +1,30 @@
-"""Train an SAE on a user's activation file: what ``univ train-sae`` runs."""
+"""Train an SAE on a user's activation file (``univ train-sae``), or a crosscoder on several models' activation
+files over the same rows (``univ crosscoder``)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import pandas as pd
 import torch
 
-from sae.activations import array_chunks, load_npy_activations, shuffled_batches
+from sae.activations import array_chunks, load_npy_activations, shuffled_batches, stacked
 from sae.checkpoint import save_sae
+from sae.crosscoder import evaluate_crosscoder
+from sae.crosscoder_checkpoint import save_crosscoder
 from sae.evaluation import evaluate_sae
 from sae.training import train_sae
-from universality.core.config import SAEConfig
+from universality.core.config import CROSSCODER_ARCHITECTURES, SAEConfig
+from universality.core.errors import ConfigError, DataError
+from universality.runtime.atomic import atomic_path
 from universality.runtime.engine import resolve_device
 
 HELDOUT_FRACTION = 0.1  # tail of the rows kept out of training, for the metrics
 MAX_HELDOUT_ROWS = 100_000
 PAPER_D_IN = 512  # the paper's λ = 0.004 was for 512 MLP neurons
+LATENTS_CSV = "latents.csv"  # univ crosscoder's per-latent table: latent, norm_0 .., class, density
 
 
 def default_l1_coeff(d_in: int) -> float:
@@ -55,3 +62,46 @@ def train_sae_on_npy(
     save_sae(trained, cfg, out_dir, metrics)
     return metrics | {"cfg": dataclasses.asdict(cfg)}
 
+
+
+def train_crosscoder_on_npy(
+    acts_paths: Sequence[str | Path], out_dir: str | Path, overrides: dict[str, Any], *, seed: int = 0,
+    device: str = "auto", progress: bool = True,
+) -> dict[str, Any]:
+    """What ``univ crosscoder`` runs: validate every file and the settings (nothing is written on a bad input), train
+    one crosscoder on their rows (row n of every file: the same token in each model) but a held-out tail, evaluate it
+    on that tail, and write its checkpoint and ``latents.csv`` into ``out_dir``; returns the metrics.
+
+    ``overrides`` are SAEConfig fields; by default arch "crosscoder-batchtopk", 8 × d latents and, for L1,
+    ``default_l1_coeff`` of the models' summed dims."""
+    if len(acts_paths) < 2:
+        raise ConfigError(f"a crosscoder needs activations of at least two models, got {len(acts_paths)} file(s)")
+    batch_size = SAEConfig.batch_size if overrides.get("batch_size") is None else overrides["batch_size"]
+    arrays = [load_npy_activations(path, min_rows=max(1, batch_size)) for path in acts_paths]
+    if len({len(a) for a in arrays}) != 1:
+        raise DataError(f"the activation files must have the same rows (one per token); their row counts are "
+                        f"{', '.join(str(len(a)) for a in arrays)}")
+    if len({a.shape[1] for a in arrays}) != 1:
+        raise DataError(f"the activation files must have the same dims for now; theirs are {', '.join(str(a.shape[1]) for a in arrays)}")
+    n_rows, d_in = arrays[0].shape
+    defaults = {"arch": "crosscoder-batchtopk", "dict_size": 8 * d_in, "l1_coeff": default_l1_coeff(len(arrays) * d_in)}
+    cfg = SAEConfig(**{**defaults, **{key: value for key, value in overrides.items() if value is not None}})
+    if cfg.arch not in CROSSCODER_ARCHITECTURES:
+        raise ConfigError(f"a crosscoder's arch must be one of {', '.join(CROSSCODER_ARCHITECTURES)}, not {cfg.arch!r}")
+
+    n_heldout = min(int(n_rows * HELDOUT_FRACTION), n_rows - batch_size, MAX_HELDOUT_ROWS)
+    train_rows = [a[: n_rows - n_heldout] for a in arrays]
+    eval_rows = [a[n_rows - n_heldout :] if n_heldout > 0 else a[: n_rows - n_heldout][-MAX_HELDOUT_ROWS:] for a in arrays]
+    generator = torch.Generator().manual_seed(seed)
+    source = stacked([array_chunks(rows, cfg.batch_size, seed) for rows in train_rows])
+    batches = shuffled_batches(source, cfg.buffer_size, cfg.batch_size, generator)
+    trained = train_sae(batches, cfg, d_in, seed=seed, device=resolve_device(device), progress=progress)
+
+    metrics = evaluate_crosscoder(trained.sae, stacked([array_chunks(rows, cfg.batch_size, seed=None) for rows in eval_rows]))
+    latents = pd.DataFrame(metrics.pop("latents"))
+    metrics.update(heldout_rows=n_heldout, train_rows=n_rows - n_heldout, sources=[str(p) for p in acts_paths])
+    out = save_crosscoder(trained, cfg, Path(out_dir), metrics)
+    columns = ["latent", *(f"norm_{m}" for m in range(len(arrays))), "class", "density"]
+    with atomic_path(out / LATENTS_CSV) as tmp:
+        latents[columns].to_csv(tmp, index=False)
+    return metrics | {"cfg": dataclasses.asdict(cfg)}

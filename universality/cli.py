@@ -256,6 +256,37 @@ def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, 
                f"dead {metrics['dead_fraction']:.1%} on {metrics['heldout_rows']} held-out rows")
 
 
+@main.command("crosscoder")
+@click.argument("acts", nargs=-1, type=click.Path(path_type=Path), metavar="ACTS_0 ACTS_1 [ACTS_2 ...]")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to write.")
+@click.option("--arch", type=click.Choice(["l1", "batchtopk"]), default="batchtopk", show_default=True,
+              help="batchtopk: Minder et al.'s BatchTopK crosscoder; l1: Lindsey et al.'s decoder-norm-weighted L1.")
+@click.option("--latents", type=int, default=None, help="Number of latents. Default 8 x the activation dims.")
+@click.option("--k", type=int, default=None, help="Latents per token on average (batchtopk). Default 32.")
+@click.option("--l1-coeff", type=float, default=None, help="L1 lambda (l1). Default: the paper's 0.004, scaled to the dims.")
+@click.option("--samples", type=int, default=None, help="Rows seen in training. Default 2,000,000.")
+@click.option("--batch-size", type=int, default=None, help="Rows per step. Default 512.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True)
+@DEVICE
+def crosscoder(acts, out_dir, arch, latents, k, l1_coeff, samples, batch_size, seed, device) -> None:
+    """Train one crosscoder on ACTS_0 ACTS_1 ..., .npy arrays (rows x dims) of several models' activations on the same
+    rows; write its checkpoint (W_dec [n_models, n_latents, d]) and latents.csv (latent, norm_0.., class, density)."""
+    if len(acts) < 2:
+        raise click.UsageError(f"a crosscoder needs at least two activation files, got {len(acts)}")
+    if latents is not None and latents < 1:
+        raise click.BadParameter(f"must be >= 1, not {latents}", param_hint="--latents")
+    if arch == "batchtopk" and k is not None and not 1 <= k < (latents or 2**62):
+        raise click.BadParameter(f"must be in [1, --latents) for batchtopk, not {k}", param_hint="--k")
+    from sae.api import train_crosscoder_on_npy
+
+    overrides = {"arch": f"crosscoder-{arch}", "dict_size": latents, "k": k, "l1_coeff": l1_coeff, "samples": samples,
+                 "batch_size": batch_size}
+    metrics = train_crosscoder_on_npy(list(acts), out_dir, overrides, seed=seed, device=device)
+    counts = ", ".join(f"{cls} {n}" for cls, n in metrics["class_counts"].items())
+    click.echo(f"crosscoder saved to {out_dir}: fvu {', '.join(f'{v:.4f}' for v in metrics['fvu'])}, L0 {metrics['l0']:.1f}, "
+               f"dead {metrics['dead_fraction']:.1%}, latents {counts} on {metrics['heldout_rows']} held-out rows")
+
+
 @main.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=UI_PORT, show_default=True)
 @click.option("--host", default=UI_HOST, show_default=True, help="Interface to listen on (loopback by default).")
@@ -282,7 +313,8 @@ def ui(port, host, experiment, results_dir) -> None:
 @click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default="csv", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path),
               help="Matched feature table; the families table is written beside it (OUT with .families before the suffix), "
-                   "and for a dictionary family the feature-splitting table (.splits). For a sweep: its summary table.")
+                   "for a dictionary family the feature-splitting table (.splits), with a crosscoder its latents table "
+                   "(.crosscoder). For a sweep: its summary table.")
 @click.option("--models", type=click.Path(path_type=Path),
               help="Folder (created if needed) for every seed's transformer as TransformerLens loads it and its SAE as "
                    "SAELens loads it on that model: MODELS/seed<N>/config.json, model.safetensors, tokenizer.json, sae/.")
@@ -314,17 +346,27 @@ def export(run_id, fmt, out, models, results_dir, tracking_uri) -> None:
     exported = transformer_lens.run_exports({seed: lookups.seed_folders(client, run, seed, results_dir)
                                              for seed in lookups.run_seeds(run)}) if models is not None else []  # read first
     if out is not None:
-        matched, families = lookups.load_tables(client, run.info.run_id)
-        splits = lookups.load_splits(client, run.info.run_id)
-        written = export_tables.write_tables(matched, families, out, fmt)
-        message = f"run {run.info.run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}"
-        if splits is not None:  # a dictionary family: the parent -> child edges between its sizes
-            export_tables.write_table(splits, export_tables.beside(out, "splits"), fmt)
-            message += f", {len(splits)} split edges -> {export_tables.beside(out, 'splits')}"
-        click.echo(message)
+        click.echo(export_run_tables(client, run.info.run_id, out, fmt))
     if models is not None:
         folders = transformer_lens.write_models(models, exported)
         click.echo(f"run {run.info.run_id}: {', '.join(f.name for f in folders)} (TransformerLens models, SAELens SAEs) -> {models}")
+
+
+def export_run_tables(client, run_id: str, out: Path, fmt: str) -> str:
+    """Write a univ run's matched feature table and families to ``out`` and, where the run has them, its splits
+    and crosscoder latents beside it; returns the line that says what went where."""
+    from universality.outputs import export as export_tables
+    from universality.tracking import lookups
+
+    matched, families = lookups.load_tables(client, run_id)
+    written = export_tables.write_tables(matched, families, out, fmt)
+    message = f"run {run_id}: {len(matched)} matched rows -> {written[0]}, {len(families)} families -> {written[1]}"
+    for name, table, what in (("splits", lookups.load_splits(client, run_id), "split edges"),  # a dictionary family
+                              ("crosscoder", lookups.load_crosscoder(client, run_id), "crosscoder latents")):
+        if table is not None:
+            export_tables.write_table(table, export_tables.beside(out, name), fmt)
+            message += f", {len(table)} {what} -> {export_tables.beside(out, name)}"
+    return message
 
 
 @main.command()

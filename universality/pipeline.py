@@ -3,7 +3,8 @@
     data -> per run: model (or a control: weight-shuffled, untrained) -> sae -> evaluation -> activations
             -> own_neurons -> token_share
          -> per pair of runs: pair (seeds: universality; SAEs of one model: the ceiling; the two controls)
-         -> per model of a dictionary family: split (consecutive sizes) -> summary
+         -> per model of a dictionary family: split (consecutive sizes)
+         -> crosscoder over every seed's model (and its controls) -> crosscoder_eval -> summary
 
 Every stage writes into its own content-addressed folder (``runtime.cache``), so re-running with the same
 inputs reuses finished work. The per-run stages of different runs are independent: ``build_run`` does them for
@@ -20,23 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from universality.analysis import crosscoder as crosscoder_analysis
 from universality.analysis.heldout import HeldoutActivations
 from universality.analysis.pairs import PairResult
 from universality.core.config import ExperimentConfig
 from universality.core.errors import from_os_error
-from universality.core.run_names import (control_kind, model_name, replica_name, sae_run_name, seed_name, shuffled_name,
-                                         size_of, untrained_name)
+from universality.core.run_names import (control_kind, crosscoder_name, model_name, replica_name, sae_run_name,
+                                         seed_name, shuffled_name, size_of, untrained_name)
 from universality.measures.splitting import SplitLevel
 from universality.runtime.engine import Engine, resolve_device, spread_devices
 from universality.runtime.memory import check_memory
 from universality.runtime.progress import Board
-from universality.stages import activations, data, evaluation, model, own_neurons, pair, sae, split, token_share
+from universality.runtime import cache
+from universality.stages import activations, crosscoder, data, evaluation, model, own_neurons, pair, sae, split, token_share
 from universality.stages.data import Dataset
 from universality.stages.model import RunModel
 from universality.stages.sae import RunSAE
 from universality.summary import run_summary
 
-STAGES = (data, model, sae, evaluation, activations, own_neurons, token_share, pair, split)  # data-flow order, as the cache lists them
+STAGES = (data, model, sae, evaluation, activations, own_neurons, token_share, pair, split, crosscoder)  # data-flow order, as the cache lists them
 PER_RUN = (model, sae, evaluation, activations, own_neurons, token_share)  # what ``build_run`` does for one run
 
 
@@ -71,6 +74,10 @@ class RunResult:
     splits: dict[str, list[SplitLevel]] = dataclasses.field(default_factory=dict)
     stage_folders: tuple[Path, ...] = ()  # every stage folder the run read, in stage order (what it cost: their build times)
     untrained: PairResult | None = None  # the two untrained controls, beside the weight-shuffled ones
+    # The crosscoder over every seed's model first ("crosscoder"), then its extra seeds and controls (crosscoder.enabled)
+    crosscoders: dict[str, crosscoder.RunCrosscoder] = dataclasses.field(default_factory=dict)
+    # The main crosscoder's latents beside per-model matching: sae_feature_m, sae_corr_m per latent
+    crosscoder_beside: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,14 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
         levels = engine.map_cached(split.build, split_tasks, lambda a, b, cfg, key, *_: split.STAGE.is_cached(results_dir, key),
                                    progress_board(results_dir, [f"{a} into {b}" for a, b in splits_plan], progress)
                                    ) if splits_plan else []
+        cc_plan = crosscoder_plan(seeds, cfg)
+        cc_tasks = [(dataset.directory, dataset.key, [runs[m].model for m in models], name, cfg, replicate,
+                     train_key := crosscoder.key([runs[m].model.key for m in models], cfg, device, replicate),
+                     crosscoder.eval_key(dataset.key, train_key, cfg), device, results_dir, progress)
+                    for name, models, replicate in cc_plan]
+        crosscoders = dict(zip([name for name, *_ in cc_plan], engine.map_cached(
+            crosscoder.build, cc_tasks, lambda *task: crosscoder.is_cached(results_dir, task[6], task[7]),
+            progress_board(results_dir, [name for name, *_ in cc_plan], progress))))
     splits: dict[str, list[SplitLevel]] = {}
     for (a, _), level in zip(splits_plan, levels):
         splits.setdefault(model_name(a), []).append(level)
@@ -216,18 +231,48 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
     size_replicate_pairs = {size: by_kind.get(("same-model", named), []) for size, named in sizes.items()}
     saes = {name: r.sae for name, r in runs.items()}
     summary = run_summary(size_pairs, size_replicate_pairs, randomized, saes, splits, seed_names, cfg, untrained)
+    beside, cc_stats = crosscoder_results(crosscoders, runs, size_pairs[cfg.sae.dict_size], cfg)
+    summary |= cc_stats
     used = [(data, dataset.key), *(sk for paths in built for sk in paths.keys.per_stage()),
             *((pair, t[3]) for t in pair_tasks), *((split, t[3]) for t in split_tasks)]
-    folders = sorted(dict.fromkeys(stage.STAGE.folder(results_dir, key) for stage, key in used),
-                     key=lambda folder: STAGES.index(_stage_module(folder.parent.name)))
+    folders = sorted(dict.fromkeys([*(stage.STAGE.folder(results_dir, key) for stage, key in used),
+                                    *(folder for cc in crosscoders.values() for folder in (cc.directory, cc.evaluation))]),
+                     key=lambda folder: cache.STAGES.index(folder.parent.name))
     primary = cfg.sae.dict_size
     return RunResult(cfg, dataset, {name: r.model for name, r in runs.items()}, saes,
                      {name: r.activations for name, r in runs.items()}, size_pairs[primary], size_replicate_pairs[primary],
-                     randomized, summary, size_pairs, size_replicate_pairs, splits, tuple(folders), untrained)
+                     randomized, summary, size_pairs, size_replicate_pairs, splits, tuple(folders), untrained, crosscoders,
+                     beside)
 
 
-def _stage_module(name: str):
-    return next(stage for stage in STAGES if stage.STAGE.name == name)
+def crosscoder_plan(seeds: list[int], cfg: ExperimentConfig) -> list[tuple[str, list[str], int]]:
+    """(name, its models' run names, crosscoder replicate) of every crosscoder (none unless crosscoder.enabled and
+    two or more seeds): the one over every seed's model, its extra seeds, then the controls on the first seed's model."""
+    xcfg = cfg.crosscoder
+    if not xcfg.enabled or len(seeds) < 2:
+        return []
+    plan = [(crosscoder_name(None, r), [seed_name(s) for s in seeds], r) for r in range(xcfg.replicates + 1)]
+    first = seed_name(seeds[0])
+    if xcfg.identity_control:
+        plan.append((crosscoder_name("identity"), [first, first], 0))
+    if xcfg.shuffled_control:
+        plan.append((crosscoder_name("shuffled"), [first, shuffled_name(seeds[0], 1)], 0))
+    return plan
+
+
+def crosscoder_results(crosscoders: dict, runs: dict[str, SAERun], pairs: list[PairResult],
+                       cfg: ExperimentConfig) -> tuple[dict, dict[str, float]]:
+    """(the main crosscoder's per-latent columns beside per-model matching, the run's ``crosscoder.`` statistics,
+    with ``crosscoder.seconds``: what building its stages took); both empty without a crosscoder."""
+    main = crosscoder_name()
+    if main not in crosscoders:
+        return {}, {}
+    features = {name: runs[name].activations.features() for name in dict.fromkeys(crosscoders[main].models)}
+    beside, stats = crosscoder_analysis.beside_matching(crosscoders[main], features, pairs, cfg.compare)
+    replicates = [crosscoder_name(None, r) for r in range(1, cfg.crosscoder.replicates + 1)]
+    summary = crosscoder_analysis.run_statistics(crosscoders, main, replicates, stats, cfg.compare)
+    seconds = sum(cache.build_seconds(folder) for cc in crosscoders.values() for folder in (cc.directory, cc.evaluation))
+    return beside, summary | {"crosscoder.seconds": seconds}
 
 
 def progress_board(results_dir: Path, labels: list[str], progress: bool) -> Board | None:

@@ -208,6 +208,47 @@ class CompareConfig:
         object.__setattr__(self, "thresholds", tuple(self.thresholds))
 
 
+CROSSCODER_ARCHITECTURES = ("crosscoder-l1", "crosscoder-batchtopk")
+
+
+@dataclass(frozen=True)
+class CrosscoderConfig:
+    """One sparse crosscoder over every seed's trained model (sae/crosscoder.py): one dictionary whose latents each
+    have a decoder per model, read off as shared by all models or exclusive to one (Lindsey et al. 2024; Minder et
+    al. 2025). Trained on the models' MLP activations at the same training tokens with the SAE trainer and the
+    ``sae`` section's other training fields (lr, batch_size, buffer_size, resampling, precision); evaluated on the
+    comparison tokens. A section of its own: no other stage's cache key reads it."""
+
+    enabled: bool = False  # fit it at all (off: no crosscoder stage runs)
+    # "crosscoder-batchtopk" (Minder et al.: the k · batch largest latents of the batch, AuxK; fewer artifact
+    # exclusives) | "crosscoder-l1" (Lindsey et al.: L1 weighted by the summed decoder norms, resampling)
+    arch: str = "crosscoder-batchtopk"
+    dict_size: int = 4096  # latents (one dictionary for all models: more than one model's SAE needs)
+    k: int = 32  # BatchTopK: latents per token, on average over a batch
+    l1_coeff: float = 0.004  # L1: lambda of the decoder-norm-weighted penalty (per-model normalized inputs)
+    samples: int = 2_000_000  # training tokens seen (each token's activations in every model at once)
+    seed: int = 0  # the crosscoder's seed (initialization and the order tokens arrive in)
+    # Controls, each one more crosscoder of the same settings (each costs about as much as the main one):
+    identity_control: bool = False  # the first seed's model with itself (identical inputs): exclusives should be ~0
+    shuffled_control: bool = False  # the first seed's model with its weight-shuffled copy (needs compare.randomized_baseline)
+    replicates: int = 0  # extra crosscoder seeds on the same models: the crosscoder's own seed stability (its ceiling)
+
+    def __post_init__(self) -> None:
+        _require(self.arch in CROSSCODER_ARCHITECTURES,
+                 f"crosscoder.arch must be one of {', '.join(CROSSCODER_ARCHITECTURES)}, not {self.arch!r}")
+        _require(self.dict_size >= 1, "crosscoder.dict_size must be >= 1")
+        _require(self.arch != "crosscoder-batchtopk" or 1 <= self.k < self.dict_size,
+                 f"crosscoder.k ({self.k}) must be in [1, crosscoder.dict_size ({self.dict_size}))")
+        _require(self.l1_coeff >= 0, "crosscoder.l1_coeff must be >= 0")
+        _require(self.samples >= 1 and self.seed >= 0 and self.replicates >= 0,
+                 "crosscoder.samples must be >= 1, crosscoder.seed and crosscoder.replicates >= 0")
+
+    def sae_config(self, sae: SAEConfig) -> SAEConfig:
+        """The SAEConfig the trainer gets: this section's fields over the ``sae`` section's training fields."""
+        return dataclasses.replace(sae, arch=self.arch, dict_size=self.dict_size, dict_sizes=(), k=self.k,
+                                   l1_coeff=self.l1_coeff, samples=self.samples, replicates=0)
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: the same corpus and settings for every seed."""
@@ -218,6 +259,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig)
 
     def __post_init__(self) -> None:
         _require(self.compare.skip_first_positions < self.data.ctx_len,
@@ -227,6 +269,13 @@ class ExperimentConfig:
         _require(self.compare.tokens <= self.data.heldout_tokens,
                  f"compare.tokens ({self.compare.tokens}) must not exceed data.heldout_tokens ({self.data.heldout_tokens}): "
                  "activations are compared on held-out tokens")
+        _require(self.sae.arch not in CROSSCODER_ARCHITECTURES,
+                 f"sae.arch {self.sae.arch!r} is a crosscoder: the per-model SAEs need 'relu' or 'topk'; "
+                 "a run's crosscoder is the [crosscoder] section")
+        _require(self.crosscoder.samples >= self.sae.batch_size,
+                 f"crosscoder.samples must be >= sae.batch_size ({self.sae.batch_size})")
+        _require(not (self.crosscoder.enabled and self.crosscoder.shuffled_control) or self.compare.randomized_baseline,
+                 "crosscoder.shuffled_control needs the weight-shuffled models: set compare.randomized_baseline = true")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -250,6 +299,7 @@ _SECTION_CLASSES = {
     "train": TrainConfig,
     "sae": SAEConfig,
     "compare": CompareConfig,
+    "crosscoder": CrosscoderConfig,
 }
 
 

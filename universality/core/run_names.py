@@ -79,3 +79,23 @@ def sae_run_name(cfg: ExperimentConfig, model: str, size: int, replicate: int = 
 def pair_name(run_a: str, run_b: str) -> str:
     """A pair's child run and report folder: "seed0-vs-seed1"."""
     return f"{run_a}{VERSUS}{run_b}"
+
+
+CROSSCODER = "crosscoder"  # a crosscoder over every seed's model; its controls and seeds are suffixed
+CROSSCODER_CONTROLS = ("identity", "shuffled")  # the first seed's model with itself | with its weight-shuffled copy
+
+
+def crosscoder_name(control: str | None = None, replicate: int = 0) -> str:
+    """"crosscoder" over every seed's model, "crosscoder-identity" / "crosscoder-shuffled" for a control,
+    "crosscoder-r1" for the first extra crosscoder seed on the same models."""
+    name = CROSSCODER if control is None else f"{CROSSCODER}-{control}"
+    return name if replicate == 0 else f"{name}-r{replicate}"
+
+
+def crosscoder_role(name: str) -> str:
+    """What a crosscoder is, from its name: "main" ("crosscoder"), "replicate" (an extra seed, "crosscoder-r1") or its
+    control ("identity", "shuffled")."""
+    match = re.fullmatch(rf"{CROSSCODER}(?:-(?P<control>{'|'.join(CROSSCODER_CONTROLS)}))?(?:-r(?P<replicate>\d+))?", name)
+    if match is None:
+        raise ValueError(f"not a crosscoder's name: {name!r}")
+    return "replicate" if match["replicate"] else match["control"] or "main"

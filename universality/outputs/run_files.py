@@ -2,7 +2,9 @@
 
     runs/<run>/          each run's figures (its SAE's feature-density histogram)
     pairs/<a>-vs-<b>/    each pair's figures and HTML report (other dictionary sizes: figures only)
-    tables/              the matched feature and family tables; a family's by-size and feature-splitting tables
+    tables/              the matched feature and family tables; a family's by-size and feature-splitting tables;
+                         the crosscoder's latents table (crosscoder.parquet / .csv)
+    crosscoder/<name>/   each crosscoder's latents table and relative-norm histogram (its child run's artifacts)
     report/              the run report (report.html) and its figures
 
 ``write_run_files`` returns where each went (``RunFiles``), which the tracker logs as each run's artifacts:
@@ -11,14 +13,14 @@ logging reads these files and writes none of its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from universality.analysis.pairs import PairResult
-from universality.core.run_names import pair_name
-from universality.outputs import by_size, export, reports, split_report
+from universality.core.run_names import crosscoder_name, pair_name
+from universality.outputs import by_size, crosscoder_report, export, reports, split_report
 from universality.outputs.reports import Figure
 from universality.measures import splitting
 
@@ -43,6 +45,7 @@ class RunFiles:
     figures: dict[str, Path]  # run name -> its figures folder
     pairs: list[PairFiles]
     matched: pd.DataFrame  # the matched feature table (as exported)
+    crosscoders: dict[str, Path] = field(default_factory=dict)  # crosscoder name -> its folder of files
 
     @property
     def parent_folders(self) -> list[tuple[Path, str]]:
@@ -68,12 +71,14 @@ def write_run_files(result, root: Path) -> RunFiles:
         export.write_tables(matched, families, tables / f"matched_features.{fmt}", fmt)
     sections = size_files(result, root) if len(result.cfg.sae.sizes) > 1 else ""
     sections += split_files(result, root) if result.splits else ""
+    crosscoders, section = crosscoder_files(result, root) if result.crosscoders else ({}, "")
+    sections += section
     if result.pairs:
         reports.write_run_report(result.pairs, result.replicate_pairs, result.randomized, result.summary, matched, sources,
                                  {name: sae.metrics for name, sae in result.saes.items()}, root / "report", own_neurons=own,
                                  n_neurons=result.cfg.model.d_mlp, by_size=sections, untrained=result.untrained,
                                  token_shares={name: sae.token_shares for name, sae in result.saes.items()})
-    return RunFiles(root, figures, pairs, matched)
+    return RunFiles(root, figures, pairs, matched, crosscoders)
 
 
 def write_density_figure(sae, name: str, folder: Path) -> Path:
@@ -127,3 +132,25 @@ def split_files(result, root: Path) -> str:
                            root / "report")
     return split_report.split_section(result.summary, [(level.size_a, level.size_b) for level in levels], figure)
 
+
+
+def crosscoder_files(result, root: Path) -> tuple[dict[str, Path], str]:
+    """Each crosscoder's latents table (Parquet and CSV) and relative-norm histogram in ``crosscoder/<name>/``, the
+    main one's table in ``tables/`` too (what ``univ export`` reads); returns (name -> folder, the run report's section)."""
+    from universality.analysis.heldout import eval_contexts
+    from universality.outputs.feature_cards import vocab_strings
+
+    cfg, dataset = result.cfg, result.dataset
+    tokens = eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens).flatten().numpy()
+    vocab = vocab_strings(dataset.tokenizer())
+    folders, figures = {}, {}
+    for name, cc in result.crosscoders.items():
+        table = crosscoder_report.latents_table(cc, result.crosscoder_beside if name == crosscoder_name() else {}, tokens, vocab)
+        figures[name] = crosscoder_report.relative_norm_histogram(cc)
+        folders[name] = root / "crosscoder" / name
+        write_table_and_figure(table, "latents", figures[name], folders[name], folders[name])
+        if name == crosscoder_name():
+            (root / "tables").mkdir(parents=True, exist_ok=True)
+            for fmt in TABLE_FORMATS:
+                export.write_table(table, root / "tables" / f"{crosscoder_report.TABLE_FILE}.{fmt}", fmt)
+    return folders, crosscoder_report.crosscoder_section(result.crosscoders, result.summary, figures[crosscoder_name()])

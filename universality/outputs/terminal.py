@@ -1,12 +1,13 @@
 """What ``univ run`` prints when it finishes: each run's losses and SAE, each pair, then the universality
 headline, raw and contextual (the current token's part removed), with its ceiling (two SAEs of one model),
 baselines, controls and the token-lookup null beside it, so each number says how far to
-trust it; for a dictionary family, universality by size and feature splitting."""
+trust it; for a dictionary family, universality by size and feature splitting; the crosscoder."""
 
 from __future__ import annotations
 
 from universality.core.run_names import model_name, size_of, summary_prefix
 from universality.measures import splitting
+from universality.outputs.crosscoder_report import crosscoder_lines
 from universality.outputs.formatting import number
 
 
@@ -14,7 +15,7 @@ def describe(result) -> str:
     """The lines for a finished ``pipeline.RunResult``."""
     lines = [*run_lines(result), *pair_lines(result)]
     lines += headline(result.summary, len(result.pairs), len(result.replicate_pairs), result.randomized, result.untrained)
-    lines += size_lines(result) + split_lines(result)
+    lines += size_lines(result) + split_lines(result) + crosscoder_lines(result)
     lines.append(f"results in {result.dataset.results_dir}")
     return "\n".join(lines)
 

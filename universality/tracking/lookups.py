@@ -1,4 +1,4 @@
-"""Reading univ runs back from MLflow: a run by id or ``latest``, its matched-feature and splitting tables,
+"""Reading univ runs back from MLflow: a run by id or ``latest``, its matched-feature, splitting and crosscoder tables,
 its dictionary sizes, and the stage folders (on this machine) of each seed, for ``univ export``, ``univ
 features`` and ``univ steer``."""
 
@@ -18,10 +18,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from universality.core.errors import UnivError
 from universality.measures import splitting
-from universality.outputs import export, split_report
+from universality.outputs import crosscoder_report, export, split_report
 from universality.outputs.feature_cards import RunSources, load_run_sources, vocab_strings
 from universality.runtime import cache
-from universality.tracking.names import KIND, SAME_AS, TABLES
+from universality.tracking.names import CROSSCODER_TABLE, KIND, SAME_AS, TABLES
 
 
 def find_run(client: MlflowClient, run: str, kinds: Sequence[str] = ("experiment",)):
@@ -67,6 +67,14 @@ def load_splits(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
         return None
     with downloaded(client, run_id, {"splits": artifact}, "feature-splitting table") as paths:
         return export.read_table(paths["splits"], "parquet", splitting.SPLIT_COLUMNS)
+
+
+def load_crosscoder(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
+    """The crosscoder's latents table of a univ run (``outputs.crosscoder_report``); None for a run without one."""
+    if CROSSCODER_TABLE not in {a.path for a in client.list_artifacts(run_id, "tables")}:
+        return None
+    with downloaded(client, run_id, {"crosscoder": CROSSCODER_TABLE}, "crosscoder latents table") as paths:
+        return crosscoder_report.typed_latents(pd.read_parquet(paths["crosscoder"]))
 
 
 @contextlib.contextmanager

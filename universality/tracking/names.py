@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 from mlflow.entities import Metric
 
-KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair | untrained-pair | steer (univ steer --log)
+KIND = "univ.kind"  # tag on every run univ makes: experiment | seed | sae-replicate | control-model | pair | replicate-pair | randomized-pair | untrained-pair | crosscoder | steer (univ steer --log)
 TABLES = {"matched": "tables/matched_features.parquet", "families": "tables/matched_features.families.parquet"}
+CROSSCODER_TABLE = "tables/crosscoder.parquet"  # the crosscoder's latents table on the parent (crosscoder.enabled)
 DECILES = "tables/deciles.json"  # a parent's and each pair's statistics by feature-density decile
 FINGERPRINT = "univ.fingerprint"  # on a logged parent run: what its logged outputs depend on (``tracker.fingerprint``)
 SAME_AS = "univ.same_as"  # on a re-run's parent: the run that logged its children, reports and tables

@@ -1,5 +1,5 @@
 """MLflow tracking of a ``univ run``: one parent run, a child per run (seed, replicate SAE, other dictionary size,
-control) and per pair.
+control), per pair and per crosscoder.
 
 ``tracked_run`` checks the store and creates the parent run *before* any training (an unreachable server
 fails fast), the pipeline runs, ``outputs.run_files`` writes the reports and tables, then
@@ -26,6 +26,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
+from universality.analysis.crosscoder import crosscoder_statistics
 from universality.core.config import ExperimentConfig
 from universality.core.run_names import is_control, pair_name, size_of
 from universality.tracking.names import DECILES, FINGERPRINT, KIND, SAME_AS, curves, decile_table, metrics_from
@@ -113,6 +114,8 @@ class Tracker:
         for written in files.pairs:
             tags = {} if written.size is None else {"univ.dict_size": str(written.size)}
             self._log_pair(written.pair, written.kind, written.folder, tags)
+        for name, folder in files.crosscoders.items():
+            self._log_crosscoder(result.crosscoders[name], folder)
         for folder, artifact_path in files.parent_folders:
             self.client.log_artifacts(self.run_id, str(folder), artifact_path)
         dataset = result.dataset
@@ -168,6 +171,21 @@ class Tracker:
             self.client.log_artifact(run_id, str(result.dataset.tokenizer_path), "tokenizer")
         for file in ("cfg.json", "sae_weights.safetensors"):
             self.client.log_artifact(run_id, str(sae.directory / file), "sae")
+        self.finish(run_id)
+
+    def _log_crosscoder(self, cc, folder: Path) -> None:
+        """A crosscoder's child run: its training curves, its evaluation (FVU per model, L0, dead, class fractions and
+        counts), its latents table and figure (``folder``) and its checkpoint."""
+        run_id = self.child(cc.name, "crosscoder", {"univ.run_name": cc.name, "univ.crosscoder_models": ",".join(cc.models),
+                                                    "univ.crosscoder_dir": str(cc.directory.resolve()),
+                                                    "univ.crosscoder_eval_dir": str(cc.evaluation.resolve())})
+        counts = {f"count_{cls}": n for cls, n in cc.metrics["class_counts"].items()}
+        self.log(run_id, [*curves(cc.history, "crosscoder/"),
+                          *metrics_from({**crosscoder_statistics(cc), **counts}, "crosscoder_eval/")],
+                 params={"crosscoder_key": cc.key, "models": ",".join(cc.models)})
+        self.client.log_artifacts(run_id, str(folder), "latents")
+        for file in ("crosscoder.safetensors", "cfg.json"):
+            self.client.log_artifact(run_id, str(cc.directory / file), "crosscoder")
         self.finish(run_id)
 
     def _log_pair(self, pair, kind: str, folder: Path, tags: Mapping[str, str] | None = None) -> None:
