@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.transformer import cross_entropy
+from models.transformer import OneLayerTransformer, cross_entropy
 from sae.base import SAE
 from universality.measures.comparison import compare
 from universality.core.config import CompareConfig
@@ -67,25 +67,30 @@ def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor]) -> dict[str, An
 
 @torch.no_grad()
 def loss_recovered(
-    model: torch.nn.Module, sae: SAE, token_batches: Iterable[Tensor], device: str | torch.device,
+    model: OneLayerTransformer, sae: SAE, token_batches: Iterable[Tensor], device: str | torch.device,
     first_position: int = 0,
 ) -> dict[str, float]:
     """Cross-entropy with clean MLP neurons, with the SAE's reconstruction spliced in, and with the
     MLP zero-ablated; loss recovered = 1 − (CE_sae − CE_clean) / (CE_zero − CE_clean). Predictions
     made before ``first_position`` are left out (in a one-layer model the MLP output at a position
-    reaches only that position's logits, so splicing there changes nothing else)."""
+    reaches only that position's logits, so splicing there changes nothing else).
 
-    def splice(acts_BTM: Tensor) -> Tensor:
-        return sae(acts_BTM.reshape(-1, acts_BTM.shape[-1])).x_hat.reshape(acts_BTM.shape)
-
+    One pass per batch, not three: the model has one layer and its MLP's output is linear in the neurons
+    (n W_outᵀ + b_out), so the zero-ablated residual stream (the MLP's output at zero neurons: b_out) and the
+    clean neurons give all three residuals, ablated + n W_outᵀ for n = the neurons, their reconstruction, 0,
+    and only the unembedding runs three times."""
+    W_out_DM = model.mlp.W_out.weight
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0}
     n_tokens = 0
     for batch in token_batches:
         tokens_BT = torch.as_tensor(batch, dtype=torch.long).to(device)
         weight = tokens_BT.shape[0] * (tokens_BT.shape[1] - 1 - first_position)  # predicted positions in this batch
-        for key, hook in (("ce_clean", None), ("ce_sae", splice), ("ce_zero_ablation", torch.zeros_like)):
-            logits = model(tokens_BT, mlp_hook=hook).logits
-            totals[key] += weight * float(cross_entropy(logits, tokens_BT, first_position))
+        ablated_BTD, acts_BTM = model.residual(tokens_BT, mlp_hook=torch.zeros_like)  # acts: the clean neurons
+        x_hat_BTM = sae(acts_BTM.reshape(-1, acts_BTM.shape[-1])).x_hat.reshape(acts_BTM.shape)
+        residuals = {"ce_clean": ablated_BTD + acts_BTM @ W_out_DM.T, "ce_sae": ablated_BTD + x_hat_BTM @ W_out_DM.T,
+                     "ce_zero_ablation": ablated_BTD}
+        for key, resid_BTD in residuals.items():
+            totals[key] += weight * float(cross_entropy(model.unembed(resid_BTD), tokens_BT, first_position))
         n_tokens += weight
     if n_tokens == 0:
         raise DataError("no token batches to measure loss recovered on")
