@@ -1,14 +1,19 @@
 """The evaluation stage's one pass: loss recovered from one residual pass against three full forward passes
-(float64)."""
+(float64), and a tiny run's metrics against the five-pass evaluation it replaces (the model run again for the
+neurons, the convergence diagnostic and each of the three losses)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from fast_pipeline import fast_cfg, run_fast
 from test_steering import tiny_sae
 
 from models.transformer import OneLayerTransformer, TransformerConfig, cross_entropy
-from sae.evaluation import loss_recovered
+from sae.checkpoint import load_snapshot
+from sae.evaluation import convergence, evaluate_sae, loss_recovered
+from universality.analysis import heldout
 
 CE_KEYS = ("ce_clean", "ce_sae", "ce_zero_ablation")
 
@@ -52,3 +57,23 @@ def test_one_pass_loss_recovered_equals_three_full_forward_passes(act_fn, first_
         assert got[key] == pytest.approx(want[key], rel=0, abs=1e-12), key
     # the three differ, so each path is checked: the splice is not the identity, the ablation moves the loss
     assert min(abs(want["ce_sae"] - want["ce_clean"]), abs(want["ce_zero_ablation"] - want["ce_sae"])) > 1e-2
+
+
+def test_a_tiny_runs_evaluation_equals_the_five_pass_evaluation(tmp_path):
+    cfg = fast_cfg().replace(sae={"replicates": 0})
+    result = run_fast(tmp_path / "results", [0], cfg)
+    model, run_sae = result.models["seed0"].model, result.saes["seed0"]
+    skip = cfg.compare.skip_first_positions
+    contexts = heldout.eval_contexts(result.dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
+    neurons = lambda: heldout.mlp_neurons(model, contexts, "cpu", skip, 32)  # noqa: E731  the model run again
+    snapshot = load_snapshot(run_sae.directory, "cpu")
+    assert snapshot is not None
+    want = {**evaluate_sae(run_sae.sae, neurons()), **reference_losses(model, run_sae.sae, contexts.split(32), skip),
+            **convergence(run_sae.sae, snapshot, neurons(), cfg.compare)}
+    got = run_sae.metrics
+    assert got.keys() == want.keys()
+    assert got["tokens"] == want["tokens"] == len(contexts) * (cfg.data.ctx_len - skip)
+    assert got["log10_density_hist"] == want["log10_density_hist"] and got["ultralow_count"] == want["ultralow_count"]
+    np.testing.assert_allclose(got["densities"], want["densities"], rtol=0, atol=1e-12)
+    for key in sorted(want.keys() - {"tokens", "densities", "log10_density_hist", "ultralow_count"}):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
