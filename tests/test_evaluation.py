@@ -1,6 +1,7 @@
 """The evaluation stage's one pass: loss recovered from one residual pass against three full forward passes
-(float64), and a tiny run's metrics against the five-pass evaluation it replaces (the model run again for the
-neurons, the convergence diagnostic and each of the three losses)."""
+(float64), the metrics from recorded SAE features against the SAE run again, and a tiny run's metrics against
+the five-pass evaluation it replaces (the model and the SAE run again for the neurons, the convergence
+diagnostic and each of the three losses)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from models.transformer import OneLayerTransformer, TransformerConfig, cross_ent
 from sae.checkpoint import load_snapshot
 from sae.evaluation import convergence, evaluate_sae, loss_recovered
 from universality.analysis import heldout
+from universality.core.config import CompareConfig
+from universality.measures.correlation import to_csr
 
 CE_KEYS = ("ce_clean", "ce_sae", "ce_zero_ablation")
 
@@ -57,6 +60,28 @@ def test_one_pass_loss_recovered_equals_three_full_forward_passes(act_fn, first_
         assert got[key] == pytest.approx(want[key], rel=0, abs=1e-12), key
     # the three differ, so each path is checked: the splice is not the identity, the ablation moves the loss
     assert min(abs(want["ce_sae"] - want["ce_clean"]), abs(want["ce_zero_ablation"] - want["ce_sae"])) > 1e-2
+
+
+def test_recorded_features_give_what_running_the_sae_gives():
+    """The activations stage's stored features stand in for the SAE: the same metrics, x̂ decoded from them."""
+    first, batches = 2, list(torch.randint(0, 40, (10, 12), generator=torch.Generator().manual_seed(2)).split(4))
+    for dtype in (torch.float64, torch.float32):
+        model, sae = float64_model("relu").to(dtype), tiny_sae(24, 32, 0, dtype)
+        with torch.no_grad():
+            neurons = [model(b, return_mlp=True).mlp_acts[:, first:].reshape(-1, 24) for b in batches]
+            recorded = [to_csr(sae.encode(x)) for x in neurons]
+        assert sum(f.nnz for f in recorded) > 0
+        want, got = loss_recovered(model, sae, batches, "cpu", first), loss_recovered(model, sae, batches, "cpu", first, recorded)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=0, abs=1e-12 if dtype == torch.float64 else 1e-5), key
+    want, got = evaluate_sae(sae, neurons), evaluate_sae(sae, neurons, recorded)  # float32, as the pipeline's
+    np.testing.assert_array_equal(got.pop("densities"), want.pop("densities"))
+    exact = ("tokens", "l0", "dead_fraction", "dense_fraction", "ultralow_count", "log10_density_hist")
+    assert {k: got.pop(k) for k in exact} == {k: want.pop(k) for k in exact}
+    assert got == pytest.approx(want, rel=1e-5)  # mse, fvu, l1: x̂ decoded in float64 instead of float32
+    earlier = tiny_sae(24, 32, 1, torch.float32)
+    cfg = CompareConfig(min_firings=1)
+    assert convergence(sae, earlier, neurons, cfg, recorded) == convergence(sae, earlier, neurons, cfg)
 
 
 def test_a_tiny_runs_evaluation_equals_the_five_pass_evaluation(tmp_path):

@@ -1,7 +1,8 @@
 """The evaluation stage: an SAE's quality on the comparison tokens (past the skipped first positions of each
 context): reconstruction, sparsity, densities, loss recovered, and how much it still moved late in training.
 Its own stage, so that comparison settings re-evaluate but never retrain. It runs after the activations stage
-and reads the neurons that stage recorded on exactly these tokens; only loss recovered runs the model, once."""
+and reads the neurons and SAE features that stage recorded on exactly these tokens: the SAE runs only as its 75%
+snapshot (for the convergence diagnostic), the model only once, for loss recovered."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from universality.stages.data import Dataset
 from universality.stages.model import RunModel
 from universality.stages.sae import RunSAE
 
-STAGE = cache.Stage("evaluation", 2)  # 2: the recorded neurons read back; loss recovered from one pass per batch
+STAGE = cache.Stage("evaluation", 2)  # 2: the recorded neurons and features read back; loss recovered in one pass
 BATCH_CONTEXTS = 32  # contexts per forward pass of the evaluation
 
 
@@ -33,16 +34,18 @@ def key(dataset: Dataset, sae_key: str, activations_key: str, cfg: ExperimentCon
 
 def build(dataset: Dataset, model: RunModel, sae: RunSAE, acts: HeldoutActivations, cfg: ExperimentConfig,
           evaluation_key: str, device: str, results_dir: Path) -> RunSAE:
-    """``sae`` with its evaluation's metrics (computed once), on the neurons of ``acts`` (its activations stage)."""
+    """``sae`` with its evaluation's metrics (computed once), on what ``acts`` (its activations stage) recorded."""
 
     def compute(directory: Path) -> dict:
         contexts = heldout.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
-        metrics = evaluate_sae(sae.sae, acts.neuron_chunks())
-        metrics.update(loss_recovered(model.model, sae.sae, contexts.split(BATCH_CONTEXTS), device,
-                                      cfg.compare.skip_first_positions))
+        skip = cfg.compare.skip_first_positions
+        rows = BATCH_CONTEXTS * (cfg.data.ctx_len - skip)  # the stored rows of a batch of contexts
+        metrics = evaluate_sae(sae.sae, acts.neuron_chunks(rows), acts.feature_chunks(rows))
+        metrics.update(loss_recovered(model.model, sae.sae, contexts.split(BATCH_CONTEXTS), device, skip,
+                                      acts.feature_chunks(rows)))
         snapshot = load_snapshot(sae.directory, device)
         if snapshot is not None:
-            metrics.update(convergence(sae.sae, snapshot, acts.neuron_chunks(), cfg.compare))
+            metrics.update(convergence(sae.sae, snapshot, acts.neuron_chunks(rows), cfg.compare, acts.feature_chunks(rows)))
         write_text(directory / "metrics.json", json.dumps(metrics, default=jsonable))
         return {"run": sae.name}
 
