@@ -133,7 +133,8 @@ def convergence(final: SAE, earlier: SAE, activation_batches: Iterable[Tensor], 
     def chunks():
         for batch, features in with_recorded(activation_batches, recorded):
             x_BD = batch.to(final.W_dec.device, torch.float32)
-            yield (to_csr(final.encode(x_BD).cpu()) if features is None else features), to_csr(earlier.encode(x_BD).cpu())
+            final_features = to_csr(final.encode(x_BD).cpu()) if features is None else features
+            yield final_features, to_csr(earlier.encode(x_BD).cpu())
 
     result = compare(chunks(), cfg)
     decoder = decoder_statistics(final.W_dec.detach().cpu().numpy(), earlier.W_dec.detach().cpu().numpy(),

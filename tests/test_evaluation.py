@@ -71,7 +71,8 @@ def test_recorded_features_give_what_running_the_sae_gives():
             neurons = [model(b, return_mlp=True).mlp_acts[:, first:].reshape(-1, 24) for b in batches]
             recorded = [to_csr(sae.encode(x)) for x in neurons]
         assert sum(f.nnz for f in recorded) > 0
-        want, got = loss_recovered(model, sae, batches, "cpu", first), loss_recovered(model, sae, batches, "cpu", first, recorded)
+        want = loss_recovered(model, sae, batches, "cpu", first)
+        got = loss_recovered(model, sae, batches, "cpu", first, recorded)
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=0, abs=1e-12 if dtype == torch.float64 else 1e-5), key
     want, got = evaluate_sae(sae, neurons), evaluate_sae(sae, neurons, recorded)  # float32, as the pipeline's

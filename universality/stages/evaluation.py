@@ -45,7 +45,8 @@ def build(dataset: Dataset, model: RunModel, sae: RunSAE, acts: HeldoutActivatio
                                       acts.feature_chunks(rows)))
         snapshot = load_snapshot(sae.directory, device)
         if snapshot is not None:
-            metrics.update(convergence(sae.sae, snapshot, acts.neuron_chunks(rows), cfg.compare, acts.feature_chunks(rows)))
+            metrics.update(convergence(sae.sae, snapshot, acts.neuron_chunks(rows), cfg.compare,
+                                       acts.feature_chunks(rows)))
         write_text(directory / "metrics.json", json.dumps(metrics, default=jsonable))
         return {"run": sae.name}
 
