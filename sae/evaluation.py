@@ -3,13 +3,14 @@ when its reconstruction is spliced into the model."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from models.transformer import cross_entropy
+from models.transformer import OneLayerTransformer, cross_entropy
 from sae.base import SAE
 from universality.measures.comparison import compare
 from universality.core.config import CompareConfig
@@ -19,11 +20,30 @@ from universality.measures.similarity import decoder_statistics
 from universality.measures.statistics import ULTRALOW_DENSITY  # the paper's cut: rarer than 1 in a million
 
 DENSE_DENSITY = 0.1  # fires on more than 10% of tokens: λ is probably too low
+Recorded = Iterable[sp.csr_matrix] | None  # per batch, the SAE's features as the activations stage stored them
+
+
+def with_recorded(batches: Iterable[Tensor], recorded: Recorded) -> Iterator[tuple[Tensor, sp.csr_matrix | None]]:
+    """Each batch with its recorded features (None: none recorded, the SAE runs on the batch)."""
+    return zip(batches, recorded, strict=True) if recorded is not None else ((batch, None) for batch in batches)
+
+
+def reconstruct(sae: SAE, x_BD: Tensor, recorded: sp.csr_matrix | None) -> tuple[Tensor, Tensor, float]:
+    """(x̂ [B, D] in x's dtype, how many inputs each feature fires on [F] (float64), the sum of f) of a batch:
+    the SAE run on it, or decoded from its ``recorded`` features over the active latents only (f W_dec + b_dec,
+    the product in float64): the recorded features are the SAE's encoding of the same inputs."""
+    if recorded is None:
+        out = sae(x_BD)
+        return out.x_hat, (out.f > 0).sum(dim=0).double(), float(out.f.double().sum())
+    x_hat = torch.from_numpy(recorded @ sae.W_dec.detach().double().cpu().numpy()).to(x_BD) + sae.b_dec.to(x_BD)
+    fired = np.bincount(recorded.indices[recorded.data > 0], minlength=sae.d_sae)
+    return x_hat, torch.from_numpy(fired).to(x_BD.device, torch.float64), float(recorded.data.sum())
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor]) -> dict[str, Any]:
-    """Metrics over held-out activation batches [B, D] (raw scale, as the saved SAE expects).
+def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor], recorded: Recorded = None) -> dict[str, Any]:
+    """Metrics over held-out activation batches [B, D] (raw scale, as the saved SAE expects); ``recorded``:
+    the SAE's features of the same batches, when stored already (then the SAE is not run again).
 
     mse (mean over elements), fvu (squared error / total variance), l0 and l1 per token, the
     fractions of dead (never fired) and dense features, the ultralow-density count, each feature's
@@ -33,15 +53,14 @@ def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor]) -> dict[str, An
     sq_err = l0 = l1 = 0.0
     sum_D = sum_sq_D = None
     fired_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
-    for batch in activation_batches:
+    for batch, features in with_recorded(activation_batches, recorded):
         x_BD = batch.to(device, torch.float32)
-        out = sae(x_BD)
-        active_BF = out.f > 0
+        x_hat_BD, batch_fired_F, batch_l1 = reconstruct(sae, x_BD, features)
         n += len(x_BD)
-        sq_err += float((out.x_hat - x_BD).double().pow(2).sum())
-        l0 += float(active_BF.sum())
-        l1 += float(out.f.double().sum())
-        fired_F += active_BF.sum(dim=0)
+        sq_err += float((x_hat_BD - x_BD).double().pow(2).sum())
+        l0 += float(batch_fired_F.sum())
+        l1 += batch_l1
+        fired_F += batch_fired_F
         x64 = x_BD.double()
         sum_D = x64.sum(0) if sum_D is None else sum_D + x64.sum(0)
         sum_sq_D = x64.pow(2).sum(0) if sum_sq_D is None else sum_sq_D + x64.pow(2).sum(0)
@@ -67,25 +86,34 @@ def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor]) -> dict[str, An
 
 @torch.no_grad()
 def loss_recovered(
-    model: torch.nn.Module, sae: SAE, token_batches: Iterable[Tensor], device: str | torch.device,
-    first_position: int = 0,
+    model: OneLayerTransformer, sae: SAE, token_batches: Iterable[Tensor], device: str | torch.device,
+    first_position: int = 0, recorded: Recorded = None,
 ) -> dict[str, float]:
     """Cross-entropy with clean MLP neurons, with the SAE's reconstruction spliced in, and with the
     MLP zero-ablated; loss recovered = 1 − (CE_sae − CE_clean) / (CE_zero − CE_clean). Predictions
     made before ``first_position`` are left out (in a one-layer model the MLP output at a position
-    reaches only that position's logits, so splicing there changes nothing else)."""
+    reaches only that position's logits, so splicing there changes nothing else).
 
-    def splice(acts_BTM: Tensor) -> Tensor:
-        return sae(acts_BTM.reshape(-1, acts_BTM.shape[-1])).x_hat.reshape(acts_BTM.shape)
-
+    One pass per batch, not three: the model has one layer and its MLP's output is linear in the neurons
+    (n W_outᵀ + b_out), so the zero-ablated residual stream (the MLP's output at zero neurons: b_out) and the
+    clean neurons give all three residuals, ablated + n W_outᵀ for n = the neurons, their reconstruction, 0,
+    and only the unembedding runs three times. ``recorded``: per batch, the SAE's features at positions
+    ``first_position``.. of each context (row-major), when stored already (then the SAE is not run again)."""
+    W_out_DM = model.mlp.W_out.weight
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0}
     n_tokens = 0
-    for batch in token_batches:
+    for batch, features in with_recorded(token_batches, recorded):
         tokens_BT = torch.as_tensor(batch, dtype=torch.long).to(device)
         weight = tokens_BT.shape[0] * (tokens_BT.shape[1] - 1 - first_position)  # predicted positions in this batch
-        for key, hook in (("ce_clean", None), ("ce_sae", splice), ("ce_zero_ablation", torch.zeros_like)):
-            logits = model(tokens_BT, mlp_hook=hook).logits
-            totals[key] += weight * float(cross_entropy(logits, tokens_BT, first_position))
+        ablated_BTD, acts_BTM = model.residual(tokens_BT, mlp_hook=torch.zeros_like)  # acts: the clean neurons
+        scored_BSM = acts_BTM[:, first_position:]
+        x_hat_BTM = acts_BTM.clone()  # earlier positions predict nothing scored: left clean
+        x_hat_BTM[:, first_position:] = reconstruct(sae, scored_BSM.reshape(-1, acts_BTM.shape[-1]),
+                                                    features)[0].reshape(scored_BSM.shape)
+        residuals = {"ce_clean": ablated_BTD + acts_BTM @ W_out_DM.T, "ce_sae": ablated_BTD + x_hat_BTM @ W_out_DM.T,
+                     "ce_zero_ablation": ablated_BTD}
+        for key, resid_BTD in residuals.items():
+            totals[key] += weight * float(cross_entropy(model.unembed(resid_BTD), tokens_BT, first_position))
         n_tokens += weight
     if n_tokens == 0:
         raise DataError("no token batches to measure loss recovered on")
@@ -96,14 +124,17 @@ def loss_recovered(
 
 
 @torch.no_grad()
-def convergence(final: SAE, earlier: SAE, activation_batches: Iterable[Tensor], cfg: CompareConfig) -> dict[str, float]:
+def convergence(final: SAE, earlier: SAE, activation_batches: Iterable[Tensor], cfg: CompareConfig,
+                recorded: Recorded = None) -> dict[str, float]:
     """How much the dictionary still moved late in training: each feature of the ``final`` SAE matched to
     the ``earlier`` one (e.g. at 75% of training) by activation correlation on held-out activations,
-    and by decoder cosine (one-to-one). 1 for an SAE that stopped moving; low for unrelated SAEs."""
+    and by decoder cosine (one-to-one). 1 for an SAE that stopped moving; low for unrelated SAEs.
+    ``recorded``: the final SAE's features of the same batches, when stored already (not encoded again)."""
     def chunks():
-        for batch in activation_batches:
+        for batch, features in with_recorded(activation_batches, recorded):
             x_BD = batch.to(final.W_dec.device, torch.float32)
-            yield to_csr(final.encode(x_BD).cpu()), to_csr(earlier.encode(x_BD).cpu())
+            final_features = to_csr(final.encode(x_BD).cpu()) if features is None else features
+            yield final_features, to_csr(earlier.encode(x_BD).cpu())
 
     result = compare(chunks(), cfg)
     decoder = decoder_statistics(final.W_dec.detach().cpu().numpy(), earlier.W_dec.detach().cpu().numpy(),

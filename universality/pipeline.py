@@ -1,6 +1,6 @@
 """The experiment as its list of cached stages (each a module of ``universality.stages``):
 
-    data -> per run: model (or a control: weight-shuffled, untrained) -> sae -> evaluation -> activations
+    data -> per run: model (or a control: weight-shuffled, untrained) -> sae -> activations -> evaluation
             -> own_neurons -> token_share
          -> per pair of runs: pair (seeds: universality; SAEs of one model: the ceiling; the two controls)
          -> per model of a dictionary family: split (consecutive sizes)
@@ -39,8 +39,8 @@ from universality.stages.model import RunModel
 from universality.stages.sae import RunSAE
 from universality.summary import run_summary
 
-STAGES = (data, model, sae, evaluation, activations, own_neurons, token_share, pair, split, crosscoder)  # data-flow order, as the cache lists them
-PER_RUN = (model, sae, evaluation, activations, own_neurons, token_share)  # what ``build_run`` does for one run
+STAGES = (data, model, sae, activations, evaluation, own_neurons, token_share, pair, split, crosscoder)  # data-flow order, as the cache lists them
+PER_RUN = (model, sae, activations, evaluation, own_neurons, token_share)  # what ``build_run`` does for one run
 
 
 @dataclass(frozen=True)
@@ -112,15 +112,15 @@ class RunKeys:
     trained_model: str  # the seed's trained transformer (an untrained control's own key: nothing is trained)
     model: str  # the run's transformer: the trained one, its weight-shuffled control, or the untrained control
     sae: str
-    evaluation: str
     activations: str
+    evaluation: str  # reads the activations stage's neurons
     own_neurons: str
     token_share: str
 
     def per_stage(self) -> list[tuple[object, str]]:
         """(stage module, key) of each per-run stage, in the order ``build_run`` does them."""
-        return [(model, self.trained_model), (model, self.model), (sae, self.sae), (evaluation, self.evaluation),
-                (activations, self.activations), (own_neurons, self.own_neurons), (token_share, self.token_share)]
+        return [(model, self.trained_model), (model, self.model), (sae, self.sae), (activations, self.activations),
+                (evaluation, self.evaluation), (own_neurons, self.own_neurons), (token_share, self.token_share)]
 
 
 def run_keys(task: RunTask, dataset: Dataset) -> RunKeys:
@@ -128,7 +128,7 @@ def run_keys(task: RunTask, dataset: Dataset) -> RunKeys:
     run_model = trained if task.shuffle_seed is None else model.shuffled_key(trained, task.shuffle_seed)
     sae_key = sae.key(run_model, task.cfg, task.device, task.replicate, task.dict_size)
     acts_key = activations.key(dataset, sae_key, task.cfg)
-    return RunKeys(trained, run_model, sae_key, evaluation.key(dataset, sae_key, task.cfg), acts_key,
+    return RunKeys(trained, run_model, sae_key, acts_key, evaluation.key(dataset, sae_key, acts_key, task.cfg),
                    own_neurons.key(acts_key, task.cfg), token_share.key(acts_key, task.cfg))
 
 
@@ -148,7 +148,7 @@ class RunPaths:
 
 
 def build_run(task: RunTask) -> RunPaths:
-    """model (or a control) -> sae -> evaluation -> activations -> own_neurons -> token_share for one run."""
+    """model (or a control) -> sae -> activations -> evaluation -> own_neurons -> token_share for one run."""
     dataset = data.load(task.dataset_dir, task.dataset_key)
     keys, cfg, device, results = run_keys(task, dataset), task.cfg, task.device, task.results_dir
     if task.untrained:
@@ -158,8 +158,8 @@ def build_run(task: RunTask) -> RunPaths:
     if task.shuffle_seed is not None:
         run_model = model.build_shuffled(run_model, task.shuffle_seed, keys.model, results, device)
     run_sae = sae.build(dataset, run_model, cfg, keys.sae, device, results, task.replicate, task.progress, task.dict_size)
-    evaluated = evaluation.build(dataset, run_model, run_sae, cfg, keys.evaluation, device, results)
     acts = activations.build(dataset, run_model, run_sae, cfg, keys.activations, device, results)
+    evaluated = evaluation.build(dataset, run_model, run_sae, acts, cfg, keys.evaluation, device, results)
     own_neurons.build(evaluated, acts, cfg, keys.own_neurons, results)
     token_share.build(dataset, evaluated, acts, cfg, keys.token_share, results)
     return RunPaths(run_sae.name, run_model.seed, task.replicate, keys, results)
@@ -182,7 +182,7 @@ def load_run(paths: RunPaths, device: str) -> SAERun:
 
 def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str = "auto", progress: bool = True,
         engine: Engine = Engine()) -> RunResult:
-    """data -> per run (model -> SAE -> evaluation -> activations -> own neurons -> token share) -> pairs -> splits
+    """data -> per run (model -> SAE -> activations -> evaluation -> own neurons -> token share) -> pairs -> splits
     -> summary.
 
     ``engine`` says where the per-run stages, the pairs and the splits run; the results do not depend on it.

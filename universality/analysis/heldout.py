@@ -36,6 +36,19 @@ class HeldoutActivations:
     def neurons(self) -> np.ndarray:
         return np.load(self.directory / NEURONS, mmap_mode="r")
 
+    def neuron_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[torch.Tensor]:
+        """The stored neurons as float32 tensors of ``chunk_rows`` rows, in order: what ``mlp_neurons`` yielded
+        when they were recorded, read back a chunk at a time instead of running the model again."""
+        neurons = self.neurons()
+        for start in range(0, neurons.shape[0], chunk_rows):
+            yield torch.from_numpy(np.array(neurons[start : start + chunk_rows]))
+
+    def feature_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[sp.csr_matrix]:
+        """The stored SAE features (float64 CSR) in the row chunks of ``neuron_chunks``: the SAE's encoding of them."""
+        features = self.features()
+        for start in range(0, features.shape[0], chunk_rows):
+            yield features[start : start + chunk_rows]
+
     def features(self) -> sp.csr_matrix:
         return sp.load_npz(self.directory / FEATURES).tocsr()
 

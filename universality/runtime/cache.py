@@ -34,7 +34,7 @@ DONE = "done.json"
 LOCK = ".lock"
 MEMO = ".verified.json"  # the stat signature of the folder's files when their hashes last matched
 SCRATCH = "resume"  # a stage's resumable training checkpoints: not part of its output
-STAGES = ("data", "model", "sae", "evaluation", "activations", "own_neurons", "token_share", "pair", "split",
+STAGES = ("data", "model", "sae", "activations", "evaluation", "own_neurons", "token_share", "pair", "split",
           "crosscoder", "crosscoder_eval")  # folders, in data-flow order
 _HASH_CHUNK = 1 << 22
 TIMESTAMP_TICK_NS = 2_000_000_000  # the coarsest file timestamp step allowed for (FAT, SMB: 2 s; ext4: a jiffy)

@@ -1,6 +1,8 @@
 """The evaluation stage: an SAE's quality on the comparison tokens (past the skipped first positions of each
 context): reconstruction, sparsity, densities, loss recovered, and how much it still moved late in training.
-Its own stage, so that comparison settings re-evaluate but never retrain."""
+Its own stage, so that comparison settings re-evaluate but never retrain. It runs after the activations stage
+and reads the neurons and SAE features that stage recorded on exactly these tokens: the SAE runs only as its 75%
+snapshot (for the convergence diagnostic), the model only once, for loss recovered."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 from sae.checkpoint import jsonable, load_snapshot
 from sae.evaluation import convergence, evaluate_sae, loss_recovered
 from universality.analysis import heldout
+from universality.analysis.heldout import HeldoutActivations
 from universality.core.config import ExperimentConfig
 from universality.runtime import cache
 from universality.runtime.atomic import write_text
@@ -20,28 +23,30 @@ from universality.stages.data import Dataset
 from universality.stages.model import RunModel
 from universality.stages.sae import RunSAE
 
-STAGE = cache.Stage("evaluation", 1)
+STAGE = cache.Stage("evaluation", 2)  # 2: the recorded neurons and features read back; loss recovered in one pass
 BATCH_CONTEXTS = 32  # contexts per forward pass of the evaluation
 
 
-def key(dataset: Dataset, sae_key: str, cfg: ExperimentConfig) -> str:
-    return STAGE.key(sae=sae_key, data=dataset.key, tokens=cfg.compare.tokens,
+def key(dataset: Dataset, sae_key: str, activations_key: str, cfg: ExperimentConfig) -> str:
+    return STAGE.key(sae=sae_key, activations=activations_key, data=dataset.key, tokens=cfg.compare.tokens,
                      skip_first_positions=cfg.compare.skip_first_positions)
 
 
-def build(dataset: Dataset, model: RunModel, sae: RunSAE, cfg: ExperimentConfig, evaluation_key: str, device: str,
-          results_dir: Path) -> RunSAE:
-    """``sae`` with its evaluation's metrics (computed once)."""
+def build(dataset: Dataset, model: RunModel, sae: RunSAE, acts: HeldoutActivations, cfg: ExperimentConfig,
+          evaluation_key: str, device: str, results_dir: Path) -> RunSAE:
+    """``sae`` with its evaluation's metrics (computed once), on what ``acts`` (its activations stage) recorded."""
 
     def compute(directory: Path) -> dict:
         contexts = heldout.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
         skip = cfg.compare.skip_first_positions
-        neurons = lambda: heldout.mlp_neurons(model.model, contexts, device, skip, BATCH_CONTEXTS)  # noqa: E731
-        metrics = evaluate_sae(sae.sae, neurons())
-        metrics.update(loss_recovered(model.model, sae.sae, contexts.split(BATCH_CONTEXTS), device, skip))
+        rows = BATCH_CONTEXTS * (cfg.data.ctx_len - skip)  # the stored rows of a batch of contexts
+        metrics = evaluate_sae(sae.sae, acts.neuron_chunks(rows), acts.feature_chunks(rows))
+        metrics.update(loss_recovered(model.model, sae.sae, contexts.split(BATCH_CONTEXTS), device, skip,
+                                      acts.feature_chunks(rows)))
         snapshot = load_snapshot(sae.directory, device)
         if snapshot is not None:
-            metrics.update(convergence(sae.sae, snapshot, neurons(), cfg.compare))
+            metrics.update(convergence(sae.sae, snapshot, acts.neuron_chunks(rows), cfg.compare,
+                                       acts.feature_chunks(rows)))
         write_text(directory / "metrics.json", json.dumps(metrics, default=jsonable))
         return {"run": sae.name}
 
