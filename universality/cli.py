@@ -376,16 +376,25 @@ def export_run_tables(client, run_id: str, out: Path, fmt: str) -> str:
 @click.option("--size", type=click.IntRange(min=1), default=None,
               help="The feature's dictionary size, for a run that fitted several (sae.dict_sizes): the card then shows its "
                    "parents and children in the next smaller and larger sizes. Default: the primary (largest) size.")
+@click.option("--dashboard", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the feature's page from sae-dashboard, the field's SAE visualizer, to this .html file (needs "
+                   "pip install 'univ[dashboard]'): activation histogram, top and quantile contexts of the comparison "
+                   "tokens, logit effects, correlated neurons and features.")
 @RESULTS_DIR
 @TRACKING_URI
-def features(run_id, seed, feature, size, results_dir, tracking_uri) -> None:
+def features(run_id, seed, feature, size, dashboard, results_dir, tracking_uri) -> None:
     """Show one SAE feature of a univ run (RUN: run id or 'latest'): density, top contexts, logit effects, partners;
-    in a dictionary family, its parents and children."""
+    in a dictionary family, its parents and children. With --dashboard, its sae-dashboard page instead."""
     import dataclasses
 
     from universality.outputs.feature_cards import lineage, render_terminal
     from universality.tracking import lookups, store
 
+    if dashboard is not None:
+        from universality.outputs import dashboard as sae_dashboard
+
+        sae_dashboard.check_libraries()  # before any work: a one-line error naming the extra
+        sae_dashboard.check_out(dashboard)
     client = store.open_client(results_dir, tracking_uri, read_only=True)
     run = lookups.find_run(client, run_id)
     sizes = lookups.run_sizes(run)
@@ -395,6 +404,17 @@ def features(run_id, seed, feature, size, results_dir, tracking_uri) -> None:
     n_features = sources.densities.size
     if feature >= n_features:
         raise UnivError(f"feature {feature} is out of range: seed {seed} has {n_features} features (0..{n_features - 1})")
+    if dashboard is not None:
+        if size not in (None, sizes[-1]):
+            raise UnivError("--dashboard shows a feature of the primary (largest) size, the SAE univ export --models exports")
+        if sources.densities[feature] == 0:
+            raise UnivError(f"feature {feature} of seed {seed} is dead: it never fires on the comparison tokens, "
+                            "so a dashboard would show nothing")
+        title = f"univ run {run.info.run_id} · seed {seed} · feature {feature} (sae-dashboard)"
+        sae_dashboard.render(dashboard, seed, feature, lookups.seed_folders(client, run, seed, results_dir),
+                             run.data.params, title)
+        click.echo(f"seed {seed} feature {feature}: sae-dashboard page -> {dashboard}")
+        return
     matched, _ = lookups.load_tables(client, run.info.run_id)
     card = sources.card(feature, matched if size in (None, sizes[-1]) else matched.iloc[:0])
     splits = lookups.load_splits(client, run.info.run_id) if len(sizes) > 1 else None
