@@ -18,7 +18,7 @@ from fast_pipeline import fast_cfg, run_fast
 from sae.crosscoder import evaluate_crosscoder
 from sae.training import train_sae
 from test_crosscoder import epochs, planted_models
-from universality import pipeline
+from universality import plans
 from universality.analysis.crosscoder import seed_stability
 from universality.cli import main
 from universality.core.config import ExperimentConfig, SAEConfig
@@ -111,11 +111,11 @@ def test_unrelated_models_give_exclusive_latents(planted, one_thread):
 def test_crosscoder_plan_follows_the_config(tiny_cfg):
     on = tiny_cfg.replace(crosscoder={"enabled": True, "identity_control": True, "shuffled_control": True, "replicates": 2},
                           compare={"randomized_baseline": True})
-    plan = pipeline.crosscoder_plan([3, 5], on)
+    plan = plans.crosscoder_plan([3, 5], on)
     assert plan == [("crosscoder", ["seed3", "seed5"], 0), ("crosscoder-r1", ["seed3", "seed5"], 1),
                     ("crosscoder-r2", ["seed3", "seed5"], 2), ("crosscoder-identity", ["seed3", "seed3"], 0),
                     ("crosscoder-shuffled", ["seed3", "shuffled-seed3-1"], 0)]
-    assert pipeline.crosscoder_plan([3, 5], tiny_cfg) == [] and pipeline.crosscoder_plan([3], on) == []
+    assert plans.crosscoder_plan([3, 5], tiny_cfg) == [] and plans.crosscoder_plan([3], on) == []
     assert [crosscoder_role(name) for name, *_ in plan] == ["main", "replicate", "replicate", "identity", "shuffled"]
     with pytest.raises(ConfigError, match="randomized_baseline"):
         tiny_cfg.replace(crosscoder={"enabled": True, "shuffled_control": True})

@@ -16,7 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from fast_pipeline import fast_cfg
 from universality.outputs import by_size
-from universality import pipeline
+from universality import pipeline, plans
 from universality.runtime import memory
 from universality.stages import sae as sae_stage
 from universality.stages.data import Dataset
@@ -57,7 +57,7 @@ def test_a_single_size_plans_exactly_the_tasks_and_pairs_it_did():
     assert names == ["seed0", "seed1", "seed0-sae1", "shuffled-seed0-1", "shuffled-seed0-2", "untrained-seed0",
                      "untrained-seed1"]
     assert all(t.dict_size is None for t in tasks) and [t.untrained for t in tasks] == [False] * 5 + [True] * 2
-    assert pipeline.pair_plan(names, ["seed0", "seed1"], cfg) == [
+    assert plans.pair_plan(names, ["seed0", "seed1"], cfg) == [
         ("seed0", "seed1", "cross-model"), ("seed0", "seed0-sae1", "same-model"),
         ("shuffled-seed0-1", "shuffled-seed0-2", "randomized"), ("untrained-seed0", "untrained-seed1", "untrained")]
 
@@ -68,12 +68,12 @@ def test_a_family_plans_every_size_with_its_replicates_and_the_control_only_at_t
     names = [t.name for t in tasks]
     assert names == ["seed0", "seed1", "seed0-sae1", "shuffled-seed0-1", "shuffled-seed0-2", "untrained-seed0",
                      "untrained-seed1", "seed0-d128", "seed1-d128", "seed0-d128-sae1", "seed0-d64", "seed1-d64", "seed0-d64-sae1"]
-    plan = pipeline.pair_plan(names, ["seed0", "seed1"], cfg)
+    plan = plans.pair_plan(names, ["seed0", "seed1"], cfg)
     assert [(a, b) for a, b, kind in plan if kind == "cross-model"] == [
         ("seed0", "seed1"), ("seed0-d128", "seed1-d128"), ("seed0-d64", "seed1-d64")]
     assert [(a, b) for a, b, kind in plan if kind == "same-model"] == [
         ("seed0", "seed0-sae1"), ("seed0-d128", "seed0-d128-sae1"), ("seed0-d64", "seed0-d64-sae1")]
-    assert pipeline.family(names, cfg, "seed1") == {64: "seed1-d64", 128: "seed1-d128", 256: "seed1"}
+    assert plans.family(names, cfg, "seed1") == {64: "seed1-d64", 128: "seed1-d128", 256: "seed1"}
 
 
 def test_run_names_carry_the_size_of_other_sizes():

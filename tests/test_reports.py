@@ -13,7 +13,7 @@ import pytest
 
 from mlflow import MlflowClient
 
-from universality.outputs import formatting, reports
+from universality.outputs import formatting, report_tables, reports
 from universality.tracking import lookups, store
 from universality.core.errors import DataError
 
@@ -98,10 +98,10 @@ def test_most_universal_ranks_by_contextual_correlation_with_raw_beside():
 
 
 def test_counts_and_their_means_and_medians_print_as_whole_numbers():
-    headline = reports._headline_table({"features.n_mutual": 417.833, "features.max_corr_median": 0.61234})
+    headline = report_tables.headline_table({"features.n_mutual": 417.833, "features.max_corr_median": 0.61234})
     assert "<td>mutual matches</td><td>418</td>" in headline and "<td>0.612</td>" in headline
     assert "<td>linear CKA of the MLP spaces</td><td>–</td>" in headline  # missing, not 'None'
-    own = reports._own_neurons_table({"seed0": SimpleNamespace(stats={"max_corr_median": 0.41, "neurons_for_90pct_median": 1252.0})})
+    own = report_tables.own_neurons_table({"seed0": SimpleNamespace(stats={"max_corr_median": 0.41, "neurons_for_90pct_median": 1252.0})})
     assert "<td>0.410</td><td>1,252</td>" in own
     counts = ("features.n_mutual", "neurons_for_90pct_median", "families.n_all_runs", "own_neurons.n_included")
     assert {formatting.statistic_spec(k) for k in counts} == {formatting.COUNT}

@@ -200,12 +200,12 @@ def test_planted_parent_splits_into_its_two_children(one_thread):
 def test_a_family_run_splits_each_model_between_consecutive_sizes_and_a_single_size_does_no_extra_work(tmp_path):
     from fast_pipeline import fast_cfg, run_fast
 
-    from universality import pipeline
+    from universality import plans
 
     names = ["seed0", "seed0-d32", "seed0-d64", "seed1", "seed1-d32", "seed1-d64"]
-    assert pipeline.split_plan(names, ["seed0", "seed1"], fast_cfg().replace(sae={"dict_sizes": [32, 64, 128]})) == [
+    assert plans.split_plan(names, ["seed0", "seed1"], fast_cfg().replace(sae={"dict_sizes": [32, 64, 128]})) == [
         ("seed0-d32", "seed0-d64"), ("seed0-d64", "seed0"), ("seed1-d32", "seed1-d64"), ("seed1-d64", "seed1")]
-    assert pipeline.split_plan(["seed0", "seed1"], ["seed0", "seed1"], fast_cfg()) == []
+    assert plans.split_plan(["seed0", "seed1"], ["seed0", "seed1"], fast_cfg()) == []
 
     results = tmp_path / "results"
     single = run_fast(results, [0], fast_cfg().replace(sae={"replicates": 0, "dict_size": 128}))

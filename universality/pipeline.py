@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from universality.analysis import crosscoder as crosscoder_analysis
 from universality.analysis.heldout import HeldoutActivations
 from universality.analysis.pairs import PairResult
 from universality.core.config import ExperimentConfig
 from universality.core.errors import from_os_error
-from universality.core.run_names import (control_kind, crosscoder_name, model_name, replica_name, sae_run_name,
-                                         seed_name, shuffled_name, size_of, untrained_name)
+from universality.core.run_names import model_name, replica_name, seed_name, shuffled_name, size_of, untrained_name
 from universality.measures.splitting import SplitLevel
 from universality.runtime.engine import Engine, resolve_device, spread_devices
 from universality.runtime.memory import check_memory
@@ -37,7 +34,8 @@ from universality.stages import activations, crosscoder, data, evaluation, model
 from universality.stages.data import Dataset
 from universality.stages.model import RunModel
 from universality.stages.sae import RunSAE
-from universality.summary import run_summary
+from universality.plans import crosscoder_plan, pair_plan, split_plan
+from universality.summary import crosscoder_summary, run_summary
 
 STAGES = (data, model, sae, activations, evaluation, own_neurons, token_share, pair, split, crosscoder)  # data-flow order, as the cache lists them
 PER_RUN = (model, sae, activations, evaluation, own_neurons, token_share)  # what ``build_run`` does for one run
@@ -231,7 +229,8 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
     size_replicate_pairs = {size: by_kind.get(("same-model", named), []) for size, named in sizes.items()}
     saes = {name: r.sae for name, r in runs.items()}
     summary = run_summary(size_pairs, size_replicate_pairs, randomized, saes, splits, seed_names, cfg, untrained)
-    beside, cc_stats = crosscoder_results(crosscoders, runs, size_pairs[cfg.sae.dict_size], cfg)
+    beside, cc_stats = crosscoder_summary(crosscoders, {name: r.activations for name, r in runs.items()},
+                                          size_pairs[cfg.sae.dict_size], cfg)
     summary |= cc_stats
     used = [(data, dataset.key), *(sk for paths in built for sk in paths.keys.per_stage()),
             *((pair, t[3]) for t in pair_tasks), *((split, t[3]) for t in split_tasks)]
@@ -245,75 +244,9 @@ def run(cfg: ExperimentConfig, seeds: list[int], results_dir: Path, device: str 
                      beside)
 
 
-def crosscoder_plan(seeds: list[int], cfg: ExperimentConfig) -> list[tuple[str, list[str], int]]:
-    """(name, its models' run names, crosscoder replicate) of every crosscoder (none unless crosscoder.enabled and
-    two or more seeds): the one over every seed's model, its extra seeds, then the controls on the first seed's model."""
-    xcfg = cfg.crosscoder
-    if not xcfg.enabled or len(seeds) < 2:
-        return []
-    plan = [(crosscoder_name(None, r), [seed_name(s) for s in seeds], r) for r in range(xcfg.replicates + 1)]
-    first = seed_name(seeds[0])
-    if xcfg.identity_control:
-        plan.append((crosscoder_name("identity"), [first, first], 0))
-    if xcfg.shuffled_control:
-        plan.append((crosscoder_name("shuffled"), [first, shuffled_name(seeds[0], 1)], 0))
-    return plan
-
-
-def crosscoder_results(crosscoders: dict, runs: dict[str, SAERun], pairs: list[PairResult],
-                       cfg: ExperimentConfig) -> tuple[dict, dict[str, float]]:
-    """(the main crosscoder's per-latent columns beside per-model matching, the run's ``crosscoder.`` statistics,
-    with ``crosscoder.seconds``: what building its stages took); both empty without a crosscoder."""
-    main = crosscoder_name()
-    if main not in crosscoders:
-        return {}, {}
-    features = {name: runs[name].activations.features() for name in dict.fromkeys(crosscoders[main].models)}
-    beside, stats = crosscoder_analysis.beside_matching(crosscoders[main], features, pairs, cfg.compare)
-    replicates = [crosscoder_name(None, r) for r in range(1, cfg.crosscoder.replicates + 1)]
-    summary = crosscoder_analysis.run_statistics(crosscoders, main, replicates, stats, cfg.compare)
-    seconds = sum(cache.build_seconds(folder) for cc in crosscoders.values() for folder in (cc.directory, cc.evaluation))
-    return beside, summary | {"crosscoder.seconds": seconds}
-
-
 def progress_board(results_dir: Path, labels: list[str], progress: bool) -> Board | None:
     """Where parallel workers report the progress of tasks labelled ``labels`` (None: ``progress`` is off)."""
     return Board(results_dir / "progress", labels) if progress else None
-
-
-def family(run_names, cfg: ExperimentConfig, model: str) -> dict[int, str]:
-    """size -> the run name of ``model``'s own (replicate 0) SAE of that size, ascending, for the sizes among
-    ``run_names`` (a RunResult's ``saes``, or any names)."""
-    names = set(run_names)
-    return {size: name for size in cfg.sae.sizes if (name := sae_run_name(cfg, model, size)) in names}
-
-
-def pair_plan(run_names: list[str], seed_names: list[str], cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
-    """(A, B, kind) of every comparison: at each dictionary size (the primary first), each pair of seeds
-    (cross-model) and each pair of SAEs of one model (same-model: the ceiling); then the two weight-shuffled
-    controls (randomized) and the two untrained ones (untrained)."""
-    plan = []
-    for size in (cfg.sae.dict_size, *cfg.sae.sizes[-2::-1]):
-        named = None if size == cfg.sae.dict_size else size
-        own = [sae_run_name(cfg, name, size) for name in seed_names]
-        plan += [(a, b, "cross-model") for a, b in itertools.combinations(own, 2)]
-        for name in seed_names:  # the seed's own SAE first, in task order
-            replicas = [n for n in run_names if model_name(n) == name and size_of(n) == named]
-            plan += [(a, b, "same-model") for a, b in itertools.combinations(replicas, 2)]
-    for kind in ("randomized", "untrained"):
-        controls = [n for n in run_names if control_kind(n) == kind]
-        if controls:
-            plan.append((controls[0], controls[1], kind))
-    return plan
-
-
-def split_plan(run_names, seed_names: list[str], cfg: ExperimentConfig) -> list[tuple[str, str]]:
-    """(smaller, next larger) own SAE of every seed's model, for each consecutive pair of its dictionary sizes;
-    none for a single size."""
-    plan = []
-    for name in seed_names:
-        names = list(family(run_names, cfg, name).values())
-        plan += list(zip(names, names[1:]))
-    return plan
 
 
 def run_tasks(cfg: ExperimentConfig, dataset: Dataset, seeds: list[int], device: str, results_dir: Path,

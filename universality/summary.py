@@ -4,11 +4,14 @@ the features against their own neurons over seeds, and feature splitting over mo
 
 from __future__ import annotations
 
+from universality.analysis import crosscoder as crosscoder_analysis
+from universality.analysis.heldout import HeldoutActivations
 from universality.analysis.pairs import PairResult
 from universality.core.config import ExperimentConfig
-from universality.core.run_names import model_name, summary_prefix
+from universality.core.run_names import crosscoder_name, model_name, summary_prefix
 from universality.measures.across_seeds import FAMILY_MIN_CORR, feature_families, included_features, partner_counts, summarize_pairs
 from universality.measures.splitting import SplitLevel, level_statistics
+from universality.runtime import cache
 from universality.stages.sae import RunSAE
 
 
@@ -122,3 +125,18 @@ def run_summary(size_pairs: dict[int, list[PairResult]], size_replicate_pairs: d
             summary.update({f"{summary_prefix(size)}{key}": value for key, value in stats.items()})
     summary.update(summarize_splits(splits, cfg))
     return summary
+
+
+def crosscoder_summary(crosscoders: dict, activations: dict[str, HeldoutActivations], pairs: list[PairResult],
+                       cfg: ExperimentConfig) -> tuple[dict, dict[str, float]]:
+    """(the main crosscoder's per-latent columns beside per-model matching, the run's ``crosscoder.`` statistics,
+    with ``crosscoder.seconds``: what building its stages took); both empty without a crosscoder."""
+    main = crosscoder_name()
+    if main not in crosscoders:
+        return {}, {}
+    features = {name: activations[name].features() for name in dict.fromkeys(crosscoders[main].models)}
+    beside, stats = crosscoder_analysis.beside_matching(crosscoders[main], features, pairs, cfg.compare)
+    replicates = [crosscoder_name(None, r) for r in range(1, cfg.crosscoder.replicates + 1)]
+    summary = crosscoder_analysis.run_statistics(crosscoders, main, replicates, stats, cfg.compare)
+    seconds = sum(cache.build_seconds(folder) for cc in crosscoders.values() for folder in (cc.directory, cc.evaluation))
+    return beside, summary | {"crosscoder.seconds": seconds}

@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from universality.outputs.formatting import number  # noqa: E402
-from universality.outputs.reports import PAPER_MEDIAN_MAX_CORR, Figure, render  # noqa: E402
+from universality.outputs.report_tables import PAPER_MEDIAN_MAX_CORR  # noqa: E402
+from universality.outputs.reports import Figure, render  # noqa: E402
 from universality.core.run_names import is_control, sae_run_name, seed_name, summary_prefix  # noqa: E402
 
 PAPER_A1_SIZE = 4096  # Towards Monosemanticity's A/1, whose cross-seed median is PAPER_MEDIAN_MAX_CORR["features"]

@@ -16,6 +16,7 @@ inlined, so the page works offline: plotly.js from the ``plotly`` package (a dep
 from __future__ import annotations
 
 import html as html_lib
+import importlib
 import json
 import tempfile
 from pathlib import Path
@@ -33,9 +34,8 @@ PLOTLY_TAG = '<script src="https://cdn.plot.ly/plotly-latest.min.js"></script>'
 def check_libraries() -> None:
     """A one-line error naming the extra to install unless sae-dashboard, SAELens and TransformerLens import."""
     try:
-        import sae_dashboard  # noqa: F401
-        import sae_lens  # noqa: F401
-        import transformer_lens  # noqa: F401
+        for library in ("sae_dashboard", "sae_lens", "transformer_lens"):
+            importlib.import_module(library)
     except ImportError as exc:  # not installed, or installed but broken (e.g. a torchvision built for another torch)
         reason = f"{exc.name} is not installed" if exc.name else f"they do not import: {first_line(exc)}"
         raise UnivError(f"--dashboard needs sae-dashboard, SAELens and TransformerLens ({reason}): "

@@ -28,7 +28,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from universality.runtime.atomic import atomic_path, write_text  # noqa: E402
-from universality.outputs.formatting import COUNT, number, statistic_spec  # noqa: E402
+from universality.outputs import report_tables  # noqa: E402
+from universality.outputs.formatting import COUNT, number  # noqa: E402
+from universality.outputs.report_tables import PAPER_MEDIAN_MAX_CORR  # noqa: E402
 from universality.core.errors import DataError  # noqa: E402
 from universality.outputs.feature_cards import RunSources, render_html  # noqa: E402
 from universality.analysis.own_neurons import NORM_SHARE, OwnNeurons  # noqa: E402
@@ -36,7 +38,6 @@ from universality.analysis.pairs import PairResult  # noqa: E402
 from universality.analysis.token_share import HIGH_SHARE, TokenShares  # noqa: E402
 from universality.core.run_names import control_kind, replicate_of  # noqa: E402
 
-PAPER_MEDIAN_MAX_CORR = {"features": 0.72, "neurons": 0.46}  # Towards Monosemanticity, A/1 vs B/1
 BASIS_LABELS = {"features": "SAE features", "neurons": "MLP neurons", "rotation": "rotated neurons (baseline)",
                 "ceiling": "SAE features, same model (ceiling)"}
 BASIS_COLORS = {"features": "tab:blue", "neurons": "tab:orange", "rotation": "tab:gray", "ceiling": "tab:green"}
@@ -133,17 +134,6 @@ def own_neurons_figure(own: Mapping[str, OwnNeurons], cross_seed: np.ndarray, n_
     right.set(xscale="log", xlabel=f"neurons carrying {NORM_SHARE:.0%} of the decoder vector's squared norm",
               ylabel="features", title=f"SAE features: spread over {n_neurons} neurons")
     return render(fig, "own_neurons.png", "SAE features vs the neurons of their own model")
-
-
-def _own_neurons_table(own: Mapping[str, OwnNeurons]) -> str:
-    """Per seed: how neuron-like its SAE's features are (over included features)."""
-    keys = [k for k in next(iter(own.values())).stats if k.startswith(("max_corr_", "frac_above_", "neurons_for_"))]
-    head = "".join(f"<th>{k}</th>" for k in keys)
-    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{number(o.stats[k], statistic_spec(k))}</td>" for k in keys) + "</tr>"
-                   for name, o in own.items())
-    return (f"<table><tr><th>SAE</th>{head}</tr>{body}</table><p>Max correlation: each feature's highest Pearson "
-            "correlation with a single neuron of its own model on the comparison tokens (the paper: features are "
-            "not neurons in disguise). Features firing fewer than compare.min_firings times are left out.</p>")
 
 
 def density_scatter(table: pd.DataFrame, title: str) -> Figure:
@@ -264,25 +254,6 @@ def ranked_features(matched: pd.DataFrame, seed_a: int, seed_b: int | None = Non
     return ranked.sort_values(["corr_context", "corr"], ascending=False).reset_index()
 
 
-def _headline_table(stats: Mapping[str, float]) -> str:
-    rows = [("median max corr, SAE features", "features.max_corr_median", PAPER_MEDIAN_MAX_CORR["features"]),
-            ("median max corr, SAE features, contextual (token means removed)", "contextual.features.max_corr_median", None),
-            ("median max corr, SAE features, token lookup (null)", "token_lookup.features.max_corr_median", None),
-            ("median max corr, neurons", "neurons.max_corr_median", PAPER_MEDIAN_MAX_CORR["neurons"]),
-            ("median max corr, neurons, contextual", "contextual.neurons.max_corr_median", None),
-            ("median max corr, rotated neurons", "rotation.max_corr_median", None),
-            ("mean max corr, SAE features", "features.max_corr_mean", None),
-            ("fraction of features with a partner above 0.5", "features.frac_above_0.5", None),
-            ("mutual matches", "features.n_mutual", None),
-            ("median logit-weight corr, mutual matches", "features.logit_corr_median_mutual", None),
-            ("linear CKA of the MLP spaces", "cka", None),
-            ("median ablation-effect corr, top mutual matches", "causal.effect_corr_median_top", None),
-            ("median ablation-effect corr, random feature pairs", "causal.effect_corr_median_random", None)]
-    body = "".join(f"<tr><td>{label}</td><td>{number(stats.get(key), statistic_spec(key))}</td><td>{number(paper)}</td></tr>"
-                   for label, key, paper in rows)
-    return f"<table><tr><th>statistic</th><th>this run</th><th>paper (A/1 vs B/1)</th></tr>{body}</table>"
-
-
 def _cards_section(ranked: pd.DataFrame, source: RunSources, matched: pd.DataFrame) -> str:
     top = ranked.head(N_CARDS).feature_a
     bottom = ranked.tail(N_CARDS).feature_a[::-1]
@@ -302,7 +273,7 @@ def pair_report(pair: PairResult, figures: Sequence[Figure], matched: pd.DataFra
                 sources: Mapping[str, RunSources]) -> str:
     """Headline numbers, figures and feature cards of one pair; the weight-shuffled control's features
     are in no matched table (``sources`` has no entry for its runs), so its page has no cards."""
-    body = _headline_table(pair.stats) + "".join(f.html() for f in figures)
+    body = report_tables.headline_table(pair.stats) + "".join(f.html() for f in figures)
     if pair.run_a in sources:
         source_a, source_b = sources[pair.run_a], sources[pair.run_b]
         ranked = ranked_features(matched, source_a.seed, source_b.seed, replicate_of(pair.run_a), replicate_of(pair.run_b))
@@ -340,10 +311,10 @@ def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult
                                                      "causal.effect_corr_median_top", "causal.effect_corr_median_random")}
     first = sources[pairs[0].run_a]
     body = ("<h2>Universality against its ceiling</h2>"
-            + _ceiling_table(summary, len(pairs), len(replicate_pairs), randomized, untrained)
+            + report_tables.ceiling_table(summary, len(pairs), len(replicate_pairs), randomized, untrained)
             + by_size
-            + "<h2>SAEs: quality and convergence</h2>" + _sae_table(sae_metrics)
-            + "<h2>Headline (mean over pairs)</h2>" + _headline_table(pooled)
+            + "<h2>SAEs: quality and convergence</h2>" + report_tables.sae_table(sae_metrics)
+            + "<h2>Headline (mean over pairs)</h2>" + report_tables.headline_table(pooled)
             + f"<p>Feature families spanning every seed: {number(summary.get('families.n_all_runs'), COUNT)}.</p>" + control
             + "<h2>Pairs</h2><p>Median max correlation, raw and contextual (each feature's current-token mean "
             "removed).</p><table><tr><th>pair</th><th>features</th><th>contextual</th><th>neurons</th><th>contextual</th>"
@@ -353,56 +324,6 @@ def run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult
             + "<h2>Features vs the neurons of their own model</h2>" + own_section
             + _cards_section(ranked_features(matched, first.seed), first, matched))
     return page("univ: feature universality across seeds", body)
-
-
-CEILING_ROWS = (("SAE features, across models", "", "features.max_corr_median"),  # (label, scope, statistic)
-                ("SAE features, same model: two SAE seeds (the ceiling)", "ceiling.", "features.max_corr_median"),
-                ("neurons, across models", "", "neurons.max_corr_median"),
-                ("rotated neurons, across models (baseline)", "", "rotation.max_corr_median"))
-
-
-def _ceiling_table(summary: Mapping[str, float], n_pairs: int, n_replicate_pairs: int, randomized: PairResult | None,
-                   untrained: PairResult | None = None) -> str:
-    """Median max activation correlation across models, raw and contextual, beside the same-model ceiling, their
-    ratio, the baselines, both controls and the token-lookup null, each with its interval: what a cross-model
-    number can be trusted to say."""
-    rows = [(label, summary.get(f"{scope}{key}_mean"), summary.get(f"{scope}contextual.{key}_mean"),
-             summary.get(f"{scope}{key}_ci_low"), summary.get(f"{scope}{key}_ci_high")) for label, scope, key in CEILING_ROWS]
-    rows.append(("across models / ceiling", summary.get("ceiling_ratio.features.max_corr_median"), None, None, None))
-    for label, control in (("weight-shuffled", randomized), ("untrained", untrained)):
-        if control is not None:
-            rows.append((f"SAE features, {label} models (control)", control.stats["features.max_corr_median"],
-                         control.stats.get("contextual.features.max_corr_median"), None, None))
-    rows.append(("SAE features, token lookup (null: per-token means alone)",
-                 summary.get("token_lookup.features.max_corr_median_mean"), None, None, None))
-    body = "".join(f"<tr><td>{label}</td><td>{number(mean)}</td><td>{number(context)}</td><td>"
-                   + (f"{number(low)} – {number(high)}" if low is not None else "") + "</td></tr>"
-                   for label, mean, context, low, high in rows)
-    return (f"<table><tr><th>median max activation correlation</th><th>mean over pairs</th><th>contextual</th>"
-            f"<th>95% interval (raw)</th></tr>{body}"
-            f"</table><p>Across models: {n_pairs} pair(s) of seeds. Ceiling: {n_replicate_pairs} pair(s) of SAEs trained on "
-            "the same transformer with different SAE seeds; a cross-model number can be no higher than the SAEs' own "
-            "agreement. Intervals: percentile bootstrap over seeds (each resample draws seeds with replacement and "
-            "averages the pairs among the drawn seeds), none with fewer than 3 seeds. Contextual: the same after each "
-            "feature's mean activation for the current token is removed (the partial correlation given the token); "
-            "token lookup: each feature replaced by its per-token means, what token identity gives by itself.</p>")
-
-
-SAE_COLUMNS = (("FVU", "fvu", ".3f"), ("L0", "l0", ".1f"), ("dead", "dead_fraction", ".1%"),
-               ("loss recovered", "loss_recovered", ".1%"),
-               ("converged: activations", "convergence_corr_median", ".3f"),
-               ("converged: decoder", "convergence_decoder_cos_median", ".3f"))
-
-
-def _sae_table(sae_metrics: Mapping[str, Mapping]) -> str:
-    """Each SAE's evaluation on the comparison tokens, and how far it had settled: its features at 75% of
-    training matched to its final ones (median max activation correlation; median one-to-one decoder cosine)."""
-    head = "".join(f"<th>{label}</th>" for label, _, _ in SAE_COLUMNS)
-    body = "".join(f"<tr><td>{name}</td>" + "".join(f"<td>{number(m.get(key), spec)}</td>" for _, key, spec in SAE_COLUMNS) + "</tr>"
-                   for name, m in sae_metrics.items())
-    return (f"<table><tr><th>SAE</th>{head}</tr>{body}</table><p>Converged: each final feature's max activation "
-            "correlation with the SAE as it was at 75% of training (median), and the median cosine of one-to-one "
-            "matched decoder vectors; 1 means the dictionary had stopped moving.</p>")
 
 
 def pooled_max_corr(pairs: Sequence[PairResult], replicate_pairs: Sequence[PairResult] = ()) -> dict[str, np.ndarray]:
@@ -453,6 +374,6 @@ def write_run_report(pairs: Sequence[PairResult], replicate_pairs: Sequence[Pair
         f"{number(summary.get('token_share.neurons_median_mean'))}; position share (the same for the position in "
         f"context): SAE features {number(summary.get('position_share.features_median_mean'))}.</p>" + share_figure.html())
     write_text(folder / "report.html", run_report(pairs, replicate_pairs, randomized, summary, matched, sources,
-                                                  sae_metrics, figure, _own_neurons_table(own) + own_figure.html(), by_size,
+                                                  sae_metrics, figure, report_tables.own_neurons_table(own) + own_figure.html(), by_size,
                                                   untrained, token_section))
     return folder
