@@ -145,7 +145,7 @@ def test_crosscoder_stage_in_a_tracked_tiny_run(tmp_path, monkeypatch):
     cfg = base.replace(crosscoder={"enabled": True, "samples": 8192, "identity_control": True, "replicates": 1})
     with tracked_run(results, None, "univ", cfg, [0, 1]) as tracker:
         result = run_fast(results, [0, 1], cfg)
-        files = publish(tracker, result)
+        assert publish(tracker, result) is None  # logged in full: no earlier run logged the same
     assert stage_folders(results, others) == before  # the new section changed no other stage's key
     assert len(stage_folders(results, ["crosscoder"])) == len(stage_folders(results, ["crosscoder_eval"])) == 3
     assert list(result.crosscoders) == ["crosscoder", "crosscoder-r1", "crosscoder-identity"]
@@ -173,7 +173,7 @@ def test_crosscoder_stage_in_a_tracked_tiny_run(tmp_path, monkeypatch):
     assert len(client.get_metric_history(child.info.run_id, "crosscoder/mse")) == len(result.crosscoders["crosscoder"].history)
     artifacts = {a.path for folder in ("latents", "crosscoder") for a in client.list_artifacts(child.info.run_id, folder)}
     assert {"latents/latents.parquet", "latents/relative_norms.png", "crosscoder/crosscoder.safetensors"} <= artifacts
-    report = (files.root / "report" / "report.html").read_text()
+    report = (results / "reports" / tracker.run_id / "report" / "report.html").read_text()
     assert "Crosscoder: one dictionary over every model" in report and "crosscoder-identity" in report
 
     # univ export: OUT.crosscoder.csv beside the matched table, a row per latent.
