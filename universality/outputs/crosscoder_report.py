@@ -24,19 +24,17 @@ top_tokens             string   its distinct top activating tokens, " | "-joined
 from __future__ import annotations
 
 import html
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from universality.core.run_names import crosscoder_name, crosscoder_role
+from universality.outputs.feature_cards import top_tokens
+from universality.outputs.formatting import number
 
-from universality.core.run_names import crosscoder_name, crosscoder_role  # noqa: E402
-from universality.outputs.feature_cards import top_tokens  # noqa: E402
-from universality.outputs.formatting import number  # noqa: E402
-from universality.outputs.reports import Figure, render  # noqa: E402
+if TYPE_CHECKING:
+    from universality.outputs.reports import Figure
 
 TABLE_FILE = "crosscoder"  # tables/crosscoder.<fmt> on the parent run; OUT.crosscoder.<fmt> in univ export
 FIGURE_FILE = "relative_norms.png"
@@ -73,6 +71,8 @@ def relative_norm_histogram(cc) -> Figure:
     """The live latents' share of their decoder norm in the last model (two models: Lindsey et al.'s relative norm,
     0 exclusive to the first, 1 to the second, 0.5 shared), classes coloured; for more models each latent's largest
     share (1/M shared evenly, 1 exclusive)."""
+    from universality.outputs.reports import plt, render  # here: the terminal's lines (a cached re-run) draw nothing
+
     latents = cc.latents[cc.latents["class"] != "dead"]
     n_models = len(cc.models)
     shares = latents[f"share_{n_models - 1}"] if n_models == 2 else latents[[f"share_{m}" for m in range(n_models)]].max(axis=1)
