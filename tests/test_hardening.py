@@ -116,7 +116,7 @@ def test_a_preset_on_another_preset_changes_only_its_own_fields(name):
     """medium and long are quick with the SAE recipe their numbers were measured with (2,048 features in batches of
     1,024) and more SAE samples: everything else (and later edits to quick) carries over."""
     quick, preset = load_preset("quick"), load_preset(name)
-    assert preset.sae.samples > quick.sae.samples and (preset.sae.dict_size, preset.sae.batch_size) == (2048, 1024)
+    assert preset.sae.samples > quick.sae.samples
     measured = {"samples": preset.sae.samples, "dict_size": 2048, "batch_size": 1024}
     assert preset.to_dict() == quick.replace(sae=measured).to_dict() | {"name": name}
 
