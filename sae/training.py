@@ -17,7 +17,7 @@ import math
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ from sae.sparse import sparse_max_density
 from universality.runtime import resume
 from universality.core.config import SAEConfig
 from universality.core.errors import DataError, TrainingDiverged
+from universality.runtime.memory import retain_freed_memory
 from universality.runtime.progress import bar as progress_bar
 
 INIT_SAMPLES = 16_384  # rows that set the input scale and the geometric-median b_dec
@@ -111,15 +112,17 @@ def initial_b_dec(x_ND: Tensor) -> Tensor:
 
 def train_sae(
     batches: Iterator[Tensor], cfg: SAEConfig, d_in: int, *, seed: int, device: str | torch.device = "cpu",
-    progress: bool = True, checkpoint_dir: Path | None = None,
+    progress: bool = True, checkpoint_dir: Path | None = None, model_dims: Sequence[int] | None = None,
 ) -> TrainedSAE:
     """Train a ``cfg.arch`` SAE on ``cfg.samples // cfg.batch_size`` batches [batch_size, d_in] of raw activations
-    (a crosscoder: [batch_size, n_models, d_in], every model's activations at the same tokens).
+    (a crosscoder: [batch_size, n_models, d_in], every model's activations at the same tokens; ``model_dims``: the
+    models' own widths when they differ, each zero-padded to d_in).
 
     With ``checkpoint_dir``, save a resumable checkpoint every ~10% of the steps and resume from the
     last one: ``batches`` must then be a deterministic stream (the same batches on every call), which
     is replayed up to the checkpoint's position, so a resumed run ends bit-identical on CPU.
     """
+    retain_freed_memory()  # a step reuses the memory the last one freed (page faults were ~30% of a quick step)
     steps = cfg.samples // cfg.batch_size
     generator = torch.Generator().manual_seed(seed)
     first = list(itertools.islice(batches, max(1, min(steps, math.ceil(INIT_SAMPLES / cfg.batch_size)))))
@@ -128,7 +131,7 @@ def train_sae(
     sample_ND = torch.cat(first)[:INIT_SAMPLES].float()
     scale = input_scale(sample_ND)
 
-    sae = build_sae(cfg, d_in, generator, n_models=first[0].shape[1] if first[0].ndim == 3 else 1)
+    sae = build_sae(cfg, d_in, generator, n_models=first[0].shape[1] if first[0].ndim == 3 else 1, model_dims=model_dims)
     with torch.no_grad():
         sae.b_dec.copy_(initial_b_dec(sample_ND * scale))
     sae.to(device)
