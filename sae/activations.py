@@ -96,6 +96,13 @@ def shuffled_batches(
         pieces, n_rows = [buffer[n_out:]], len(buffer) - n_out
 
 
+def zero_padded(source: Iterator[Tensor], width: int) -> Iterator[Tensor]:
+    """``source``'s chunks [n, d] with zero columns appended up to ``width`` (a crosscoder over models of different
+    widths reads each one padded to the widest: ``sae.crosscoder``)."""
+    for chunk in source:
+        yield torch.nn.functional.pad(chunk, (0, width - chunk.shape[1])) if chunk.shape[1] < width else chunk
+
+
 def stacked(sources: list[Iterator[Tensor]]) -> Iterator[Tensor]:
     """A crosscoder's chunks [n, M, D] from M per-model chunk streams at the same tokens (e.g. ``model_activations``
     of each model with the same tokens and seed, or ``array_chunks`` of files with the same rows and seed); stops

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
-from sae.activations import array_chunks, load_npy_activations, shuffled_batches, stacked
+from sae.activations import array_chunks, load_npy_activations, shuffled_batches, stacked, zero_padded
 from sae.checkpoint import save_sae
 from sae.crosscoder import evaluate_crosscoder
 from sae.crosscoder_checkpoint import save_crosscoder
@@ -72,7 +74,8 @@ def train_crosscoder_on_npy(
     one crosscoder on their rows (row n of every file: the same token in each model) but a held-out tail, evaluate it
     on that tail, and write its checkpoint and ``latents.csv`` into ``out_dir``; returns the metrics.
 
-    ``overrides`` are SAEConfig fields; by default arch "crosscoder-batchtopk", 8 × d latents and, for L1,
+    The files' dims may differ (each model is read zero-padded to the widest; ``sae.crosscoder``). ``overrides`` are
+    SAEConfig fields; by default arch "crosscoder-batchtopk", 8 × the widest d latents and, for L1,
     ``default_l1_coeff`` of the models' summed dims."""
     if len(acts_paths) < 2:
         raise ConfigError(f"a crosscoder needs activations of at least two models, got {len(acts_paths)} file(s)")
@@ -81,10 +84,9 @@ def train_crosscoder_on_npy(
     if len({len(a) for a in arrays}) != 1:
         raise DataError(f"the activation files must have the same rows (one per token); their row counts are "
                         f"{', '.join(str(len(a)) for a in arrays)}")
-    if len({a.shape[1] for a in arrays}) != 1:
-        raise DataError(f"the activation files must have the same dims for now; theirs are {', '.join(str(a.shape[1]) for a in arrays)}")
-    n_rows, d_in = arrays[0].shape
-    defaults = {"arch": "crosscoder-batchtopk", "dict_size": 8 * d_in, "l1_coeff": default_l1_coeff(len(arrays) * d_in)}
+    n_rows, dims = len(arrays[0]), [a.shape[1] for a in arrays]
+    d_in = max(dims)  # narrower models are read zero-padded to the widest (sae.crosscoder)
+    defaults = {"arch": "crosscoder-batchtopk", "dict_size": 8 * d_in, "l1_coeff": default_l1_coeff(sum(dims))}
     cfg = SAEConfig(**{**defaults, **{key: value for key, value in overrides.items() if value is not None}})
     if cfg.arch not in CROSSCODER_ARCHITECTURES:
         raise ConfigError(f"a crosscoder's arch must be one of {', '.join(CROSSCODER_ARCHITECTURES)}, not {cfg.arch!r}")
@@ -92,14 +94,19 @@ def train_crosscoder_on_npy(
     n_heldout = min(int(n_rows * HELDOUT_FRACTION), n_rows - batch_size, MAX_HELDOUT_ROWS)
     train_rows = [a[: n_rows - n_heldout] for a in arrays]
     eval_rows = [a[n_rows - n_heldout :] if n_heldout > 0 else a[: n_rows - n_heldout][-MAX_HELDOUT_ROWS:] for a in arrays]
-    generator = torch.Generator().manual_seed(seed)
-    source = stacked([array_chunks(rows, cfg.batch_size, seed) for rows in train_rows])
-    batches = shuffled_batches(source, cfg.buffer_size, cfg.batch_size, generator)
-    trained = train_sae(batches, cfg, d_in, seed=seed, device=resolve_device(device), progress=progress)
 
-    metrics = evaluate_crosscoder(trained.sae, stacked([array_chunks(rows, cfg.batch_size, seed=None) for rows in eval_rows]))
+    def tokens(rows: list[np.ndarray], order_seed: int | None) -> Iterator[Tensor]:
+        """Chunks [n, M, d_in] of every file's rows at the same tokens, each model zero-padded to the widest."""
+        return stacked([zero_padded(array_chunks(r, cfg.batch_size, order_seed), d_in) for r in rows])
+
+    generator = torch.Generator().manual_seed(seed)
+    batches = shuffled_batches(tokens(train_rows, seed), cfg.buffer_size, cfg.batch_size, generator)
+    trained = train_sae(batches, cfg, d_in, seed=seed, device=resolve_device(device), progress=progress,
+                        model_dims=None if len(set(dims)) == 1 else dims)
+
+    metrics = evaluate_crosscoder(trained.sae, tokens(eval_rows, None))
     latents = pd.DataFrame(metrics.pop("latents"))
-    metrics.update(heldout_rows=n_heldout, train_rows=n_rows - n_heldout, sources=[str(p) for p in acts_paths])
+    metrics.update(heldout_rows=n_heldout, train_rows=n_rows - n_heldout, sources=[str(p) for p in acts_paths], dims=dims)
     out = save_crosscoder(trained, cfg, Path(out_dir), metrics)
     columns = ["latent", *(f"norm_{m}" for m in range(len(arrays))), "class", "density"]
     with atomic_path(out / LATENTS_CSV) as tmp:

@@ -14,6 +14,14 @@ become exclusive and Lindsey's penalty would be plain L1. Both losses here are i
 d → d / c (the L1 penalty is f Σ_m ||d^m||, BatchTopK ranks f Σ_m ||d^m||), so fixing that scale with the
 row norm loses nothing, while the split of the norm between models stays free.
 
+Models of different widths (``model_dims``, e.g. ``univ crosscoder`` over files of 512 and 2,048 dims) are read
+zero-padded to the widest, D: each model's padded dims start with zero decoder and encoder weights and a zero
+b_dec, and stay exactly zero in training (their inputs, reconstructions and so every gradient there are zero,
+Adam moves nothing with a zero gradient, resampling copies zero-padded inputs), so norms, losses and Latent
+Scaling are those of the unpadded models. Each model is normalized to E[||s_m x^m||²] = D, the same for all: its
+reconstruction term is then its relative error, as an SAE's is, and decoder norms compare across models of any
+width. The file holds each model's own ``W_dec_<m>`` [F, d_m].
+
 Units. The parameters live in the space the trainer normalized each model to (E[||s_m x^m||²] = D, the
 per-model input scale s_m as the SAE trainer computes it), so decoder norms compare across models whatever
 each model's raw scale. ``fold_input_scale`` stores s_m in ``input_scale_M`` and the crosscoder then reads raw
@@ -22,7 +30,7 @@ activations and returns raw reconstructions; latent activations f are in the nor
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -40,10 +48,27 @@ class Crosscoder(SAE):
     """What both variants share. A variant supplies its activation (``activation`` at inference,
     ``training_activation`` in the loss), its ``penalty`` or its ``aux_loss``. Inputs are [B, M, D]."""
 
-    def __init__(self, d_in: int, cfg: SAEConfig, generator: torch.Generator | None = None, n_models: int = 2):
+    def __init__(self, d_in: int, cfg: SAEConfig, generator: torch.Generator | None = None, n_models: int = 2,
+                 model_dims: Sequence[int] | None = None):
         super().__init__(n_models * d_in, cfg, generator)  # ``d_in`` of the SAE: the concatenated M·D dims
         self.n_models, self.d_model = n_models, d_in
+        self.model_dims = tuple(model_dims) if model_dims is not None else (d_in,) * n_models  # each model's own width
+        if len(self.model_dims) != n_models or not all(1 <= d <= d_in for d in self.model_dims):
+            raise DataError(f"model widths {list(self.model_dims)} do not fit {n_models} models of at most {d_in} dims")
         self.register_buffer("input_scale_M", torch.ones(n_models))  # s_m: raw x^m · s_m is what the parameters see
+        if min(self.model_dims) < d_in:
+            self._zero_padding()
+
+    def padding_mask(self) -> Tensor:
+        """[M, D] bool: True at the dims a model does not have (its zero padding)."""
+        return torch.arange(self.d_model)[None, :] >= torch.tensor(self.model_dims)[:, None]
+
+    @torch.no_grad()
+    def _zero_padding(self) -> None:
+        """Zero the weights of every padded dim; each latent's decoder row stays unit-norm and the encoder its transpose."""
+        self.W_dec_FMD[:, self.padding_mask()] = 0.0
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_enc.copy_(self.W_dec.T)
 
     def takes_sparse_step(self, density: float) -> bool:
         """Never: a crosscoder decodes densely (the sparse step of ``sae.sparse`` is written for [B, D] inputs)."""
@@ -127,8 +152,9 @@ class BatchTopKCrosscoder(Crosscoder):
     arch = "crosscoder-batchtopk"
     resamples_dead = False  # AuxK does this job
 
-    def __init__(self, d_in: int, cfg: SAEConfig, generator: torch.Generator | None = None, n_models: int = 2):
-        super().__init__(d_in, cfg, generator, n_models)
+    def __init__(self, d_in: int, cfg: SAEConfig, generator: torch.Generator | None = None, n_models: int = 2,
+                 model_dims: Sequence[int] | None = None):
+        super().__init__(d_in, cfg, generator, n_models, model_dims)
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     def activation(self, pre_BF: Tensor) -> Tensor:
@@ -163,26 +189,42 @@ class BatchTopKCrosscoder(Crosscoder):
 
 def crosscoder_tensors(crosscoder: Crosscoder) -> dict[str, Tensor]:
     """The weights per model, for a safetensors file: W_enc [M, D, F], b_enc [F], W_dec [M, F, D], b_dec [M, D]
-    (normalized units), input_scale [M] (raw x^m · input_scale[m] is what they read) and, for BatchTopK, threshold."""
+    (normalized units), input_scale [M] (raw x^m · input_scale[m] is what they read) and, for BatchTopK, threshold.
+    Models of different widths d_m get one W_enc_<m> [d_m, F], W_dec_<m> [F, d_m] and b_dec_<m> [d_m] each instead."""
     M, D, F = crosscoder.n_models, crosscoder.d_model, crosscoder.d_sae
-    tensors = {"W_enc": crosscoder.W_enc.view(M, D, F), "b_enc": crosscoder.b_enc,
-               "W_dec": crosscoder.W_dec_FMD.transpose(0, 1), "b_dec": crosscoder.b_dec.view(M, D),
-               "input_scale": crosscoder.input_scale_M}
+    W_enc_MDF, W_dec_MFD, b_dec_MD = crosscoder.W_enc.view(M, D, F), crosscoder.W_dec_FMD.transpose(0, 1), crosscoder.b_dec.view(M, D)
+    if set(crosscoder.model_dims) == {D}:
+        tensors = {"W_enc": W_enc_MDF, "W_dec": W_dec_MFD, "b_dec": b_dec_MD}
+    else:
+        tensors = {}
+        for m, d in enumerate(crosscoder.model_dims):
+            tensors |= {f"W_enc_{m}": W_enc_MDF[m, :d], f"W_dec_{m}": W_dec_MFD[m, :, :d], f"b_dec_{m}": b_dec_MD[m, :d]}
+    tensors |= {"b_enc": crosscoder.b_enc, "input_scale": crosscoder.input_scale_M}
     tensors |= {"threshold": crosscoder.threshold} if isinstance(crosscoder, BatchTopKCrosscoder) else {}
     return {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
 
 
+def _per_model(tensors: dict[str, Tensor], name: str) -> list[Tensor]:
+    """Model m's ``name`` tensor, from the stacked [M, ...] layout or the per-model ``name_<m>`` one."""
+    if name in tensors:
+        return list(tensors[name])
+    return [tensors[f"{name}_{m}"] for m in range(len(tensors["input_scale"]))]
+
+
 @torch.no_grad()
 def load_crosscoder(tensors: dict[str, Tensor], cfg: SAEConfig) -> Crosscoder:
-    """The crosscoder ``crosscoder_tensors`` wrote (``cfg``: the SAEConfig it was trained with)."""
+    """The crosscoder ``crosscoder_tensors`` wrote (``cfg``: the SAEConfig it was trained with), in either layout."""
     from sae.registry import build_sae  # the registry imports this module
 
-    M, F, D = tensors["W_dec"].shape
-    crosscoder = build_sae(cfg, D, n_models=M)
-    crosscoder.W_enc.copy_(tensors["W_enc"].reshape(M * D, F))
-    crosscoder.W_dec.copy_(tensors["W_dec"].transpose(0, 1).reshape(F, M * D))
+    W_dec_m = _per_model(tensors, "W_dec")
+    dims = [W.shape[1] for W in W_dec_m]
+    M, D, F = len(dims), max(dims), len(tensors["b_enc"])
+    crosscoder = build_sae(cfg, D, n_models=M, model_dims=dims)
+    for m, (W_enc, W_dec, b_dec) in enumerate(zip(_per_model(tensors, "W_enc"), W_dec_m, _per_model(tensors, "b_dec"))):
+        crosscoder.W_enc.view(M, D, F)[m, : dims[m]] = W_enc
+        crosscoder.W_dec_FMD[:, m, : dims[m]] = W_dec
+        crosscoder.b_dec.view(M, D)[m, : dims[m]] = b_dec
     crosscoder.b_enc.copy_(tensors["b_enc"])
-    crosscoder.b_dec.copy_(tensors["b_dec"].flatten())
     crosscoder.input_scale_M.copy_(tensors["input_scale"])
     if isinstance(crosscoder, BatchTopKCrosscoder):
         crosscoder.threshold.copy_(tensors["threshold"])

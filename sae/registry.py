@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from sae.base import SAE
@@ -19,9 +21,11 @@ SAE_CLASSES: dict[str, type[SAE]] = {
 }
 
 
-def build_sae(cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None, n_models: int = 1) -> SAE:
+def build_sae(cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None, n_models: int = 1,
+              model_dims: Sequence[int] | None = None) -> SAE:
     """A freshly initialised SAE of ``cfg.arch`` on ``d_in``-dimensional inputs; a crosscoder reads
-    ``n_models`` >= 2 such inputs at once, an SAE one."""
+    ``n_models`` >= 2 such inputs at once, an SAE one. ``model_dims``: a crosscoder's models' own widths when
+    they differ (their inputs zero-padded to ``d_in``; ``sae.crosscoder``)."""
     if cfg.arch not in SAE_CLASSES:
         raise ConfigError(f"unknown SAE architecture {cfg.arch!r} (choose from {', '.join(SAE_CLASSES)})")
     if d_in < 1:
@@ -30,7 +34,7 @@ def build_sae(cfg: SAEConfig, d_in: int, generator: torch.Generator | None = Non
     if issubclass(cls, Crosscoder):
         if n_models < 2:
             raise ConfigError(f"a crosscoder ({cfg.arch}) needs activations of at least 2 models, not {n_models}")
-        return cls(d_in, cfg, generator, n_models)
-    if n_models != 1:
+        return cls(d_in, cfg, generator, n_models, model_dims)
+    if n_models != 1 or model_dims is not None:
         raise ConfigError(f"an SAE ({cfg.arch}) reads one model's activations, not {n_models}: use a crosscoder arch")
     return cls(d_in, cfg, generator)

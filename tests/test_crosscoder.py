@@ -15,7 +15,9 @@ from sae.crosscoder import Crosscoder, crosscoder_tensors, evaluate_crosscoder, 
 from sae.crosscoder_latents import (
     LatentScalingSums, classify_latents, explained_elsewhere, latent_table, norm_shares, presence,
 )
+from sae.constrained_adam import ConstrainedAdam
 from sae.registry import build_sae
+from sae.resampling import resample_dead
 from sae.training import train_sae
 from universality.core.config import SAEConfig
 from universality.core.errors import ConfigError, DataError
@@ -158,6 +160,33 @@ def test_tensors_round_trip_with_per_model_layout(arch, one_thread):
     assert torch.equal(tensors["W_dec"][1, 5], trained.W_dec_FMD[5, 1])  # latent 5's decoder vector in model 1
     loaded = load_crosscoder(tensors, small_cfg(arch))
     assert torch.equal(loaded(x).x_hat, trained(x).x_hat) and torch.equal(loaded(x).f, trained(x).f)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_models_of_different_widths_keep_their_padding_exactly_zero(arch, one_thread):
+    """Model 0 has 5 of the 8 dims, read zero-padded: its padded decoder, encoder and b_dec entries are zero at the
+    start and stay exactly zero through training (AuxK, bf16) and resampling, and the per-model file layout
+    (W_dec_<m> [F, d_m]) loads back into the same crosscoder."""
+    x = planted_models(4096, d=8, n_shared=8, n_exclusive=4)[0]
+    x[:, 0, 5:] = 0.0
+    cfg = small_cfg(arch, precision="bf16")
+    fresh = build_sae(cfg, 8, n_models=2, model_dims=(5, 8))
+    trained = train_sae(epochs(x, 256), cfg, 8, seed=0, progress=False, model_dims=(5, 8))
+    resampled = copy.deepcopy(trained.sae)
+    dead_F = torch.arange(64) < 16
+    n = resample_dead(resampled, ConstrainedAdam(resampled.parameters(), [resampled.W_dec], lr=1e-3), dead_F,
+                      x[:1024] * trained.input_scale, torch.Generator().manual_seed(0))
+    assert n == 16 and not torch.equal(resampled.W_dec[:16], trained.sae.W_dec[:16])
+    for cc in (fresh, trained.sae, resampled):
+        assert not cc.W_dec_FMD[:, 0, 5:].any() and not cc.W_enc.view(2, 8, -1)[0, 5:].any() and not cc.b_dec[5:8].any()
+        assert cc.W_dec_FMD[:, 1].abs().sum() > 0 and torch.allclose(cc.W_dec.norm(dim=1), torch.ones(64))
+    tensors = crosscoder_tensors(trained.sae)
+    assert tensors["W_dec_0"].shape == (64, 5) and tensors["W_dec_1"].shape == (64, 8) and "W_dec" not in tensors
+    loaded = load_crosscoder(tensors, cfg)
+    assert loaded.model_dims == (5, 8)
+    assert torch.equal(loaded(x).x_hat, trained.sae(x).x_hat) and torch.equal(loaded(x).f, trained.sae(x).f)
+    with pytest.raises(DataError, match="model widths"):
+        build_sae(cfg, 8, n_models=2, model_dims=(5, 9))
 
 
 # ---- planted ground truth -----------------------------------------------------------------------

@@ -253,7 +253,7 @@ def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, 
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to write.")
 @click.option("--arch", type=click.Choice(["l1", "batchtopk"]), default="batchtopk", show_default=True,
               help="batchtopk: Minder et al.'s BatchTopK crosscoder; l1: Lindsey et al.'s decoder-norm-weighted L1.")
-@click.option("--latents", type=int, default=None, help="Number of latents. Default 8 x the activation dims.")
+@click.option("--latents", type=int, default=None, help="Number of latents. Default 8 x the widest file's dims.")
 @click.option("--k", type=int, default=None, help="Latents per token on average (batchtopk). Default 32.")
 @click.option("--l1-coeff", type=float, default=None, help="L1 lambda (l1). Default: the paper's 0.004, scaled to the dims.")
 @click.option("--samples", type=int, default=None, help="Rows seen in training. Default 2,000,000.")
@@ -262,7 +262,8 @@ def train_sae(acts, out_dir, dict_size, arch, l1_coeff, k, samples, batch_size, 
 @DEVICE
 def crosscoder(acts, out_dir, arch, latents, k, l1_coeff, samples, batch_size, seed, device) -> None:
     """Train one crosscoder on ACTS_0 ACTS_1 ..., .npy arrays (rows x dims) of several models' activations on the same
-    rows; write its checkpoint (W_dec [n_models, n_latents, d]) and latents.csv (latent, norm_0.., class, density)."""
+    rows; write its checkpoint (W_dec [n_models, n_latents, d]; where the files' dims differ, one W_dec_<m>
+    [n_latents, d_m] per model) and latents.csv (latent, norm_0.., class, density)."""
     if len(acts) < 2:
         raise click.UsageError(f"a crosscoder needs at least two activation files, got {len(acts)}")
     if latents is not None and latents < 1:
