@@ -187,6 +187,21 @@ def test_crosscoder_stage_in_a_tracked_tiny_run(tmp_path, monkeypatch):
     live = table["class"] != "dead"
     assert (table.loc[live, "top_tokens"] != "").all()
 
+    # univ features --crosscoder: one latent's card, its numbers those of the exported row.
+    latent = int(table.loc[live, "latent"].iloc[0])
+    row = table.iloc[latent]
+    shown = CliRunner().invoke(main, ["features", tracker.run_id, "--crosscoder", str(latent), "--results-dir", str(results)])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0].startswith(f"crosscoder latent {latent}  {row['class']}  density {row['density']:.3g}")
+    assert lines[1].startswith(f"  seed0: decoder norm {row['norm_0']:.3f}") and lines[2].startswith(f"  seed1: decoder norm {row['norm_1']:.3f}")
+    examples = lines[lines.index("top activating contexts:") + 1 :]
+    assert len(examples) == cfg.compare.top_k_examples and row["top_tokens"].split(" | ")[0] in examples[0]
+    for args, code, message in ((["--crosscoder", str(cfg.crosscoder.dict_size)], 1, "out of range"),
+                                (["0", "3", "--crosscoder", "1"], 2, "without SEED FEATURE"), (["0"], 2, "give SEED and FEATURE")):
+        refused = CliRunner().invoke(main, ["features", tracker.run_id, *args, "--results-dir", str(results)])
+        assert refused.exit_code == code and message in refused.output, refused.output
+
 
 # ---- univ crosscoder --------------------------------------------------------------------------
 

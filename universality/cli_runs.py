@@ -98,8 +98,8 @@ def export_run_tables(client, run_id: str, out: Path, fmt: str) -> str:
 
 @click.command()
 @click.argument("run_id", metavar="RUN")
-@click.argument("seed", type=click.IntRange(min=0))
-@click.argument("feature", type=click.IntRange(min=0))
+@click.argument("seed", type=click.IntRange(min=0), required=False)
+@click.argument("feature", type=click.IntRange(min=0), required=False)
 @click.option("--size", type=click.IntRange(min=1), default=None,
               help="The feature's dictionary size, for a run that fitted several (sae.dict_sizes): the card then shows its "
                    "parents and children in the next smaller and larger sizes. Default: the primary (largest) size.")
@@ -107,16 +107,31 @@ def export_run_tables(client, run_id: str, out: Path, fmt: str) -> str:
               help="Write the feature's page from sae-dashboard, the field's SAE visualizer, to this .html file (needs "
                    "pip install 'univ[dashboard]'): activation histogram, top and quantile contexts of the comparison "
                    "tokens, logit effects, correlated neurons and features.")
+@click.option("--crosscoder", "latent", type=click.IntRange(min=0), default=None, metavar="LATENT",
+              help="Show this latent of the run's crosscoder instead of an SAE feature (univ features RUN --crosscoder "
+                   "LATENT): its class, density, decoder norm and Latent Scaling in each model, the closest SAE feature "
+                   "of each, and its top activating contexts.")
 @RESULTS_DIR
 @TRACKING_URI
-def features(run_id, seed, feature, size, dashboard, results_dir, tracking_uri) -> None:
+def features(run_id, seed, feature, size, dashboard, latent, results_dir, tracking_uri) -> None:
     """Show one SAE feature of a univ run (RUN: run id or 'latest'): density, top contexts, logit effects, partners;
-    in a dictionary family, its parents and children. With --dashboard, its sae-dashboard page instead."""
+    in a dictionary family, its parents and children. With --dashboard, its sae-dashboard page instead; with
+    --crosscoder LATENT (and no SEED FEATURE), one latent of the run's crosscoder."""
     import dataclasses
 
     from universality.outputs.feature_cards import lineage, render_terminal
     from universality.tracking import lookups, store
 
+    if latent is not None:
+        if seed is not None or size is not None or dashboard is not None:
+            raise click.UsageError("--crosscoder LATENT shows a crosscoder latent: give it without SEED FEATURE, --size or --dashboard")
+        from universality.outputs.crosscoder_report import render_latent_terminal
+
+        client = store.open_client(results_dir, tracking_uri, read_only=True)
+        click.echo(render_latent_terminal(lookups.crosscoder_card(client, lookups.find_run(client, run_id), latent, results_dir)))
+        return
+    if seed is None or feature is None:
+        raise click.UsageError("give SEED and FEATURE (or --crosscoder LATENT for a crosscoder latent)")
     if dashboard is not None:
         from universality.outputs import dashboard as sae_dashboard
 

@@ -24,13 +24,16 @@ top_tokens             string   its distinct top activating tokens, " | "-joined
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import click
 
 import numpy as np
 import pandas as pd
 
 from universality.core.run_names import crosscoder_name, crosscoder_role
-from universality.outputs.feature_cards import top_tokens
+from universality.outputs.feature_cards import Example, example_line, examples, top_tokens
 from universality.outputs.formatting import number
 
 if TYPE_CHECKING:
@@ -143,3 +146,42 @@ def crosscoder_lines(result) -> list[str]:
         if f"crosscoder.{control}.frac_exclusive" in s:
             lines.append(f"  control {control}: exclusive {number(s[f'crosscoder.{control}.frac_exclusive'], '.1%')} of live latents")
     return lines
+
+
+@dataclass(frozen=True)
+class LatentCard:
+    """One crosscoder latent as ``univ features RUN --crosscoder LATENT`` shows it: its row of the latents table, the
+    models its decoders write into, and its top activating contexts in the comparison tokens."""
+
+    latent: int
+    row: Mapping  # its row of the latents table (``latent_columns``)
+    models: tuple[str, ...]  # the crosscoder's models, in decoder order (m = 0 .. M-1)
+    examples: list[Example]
+
+
+def latent_card(latents: pd.DataFrame, models: Sequence[str], latent: int, top_values: np.ndarray,
+                top_positions: np.ndarray, tokens: np.ndarray, vocab: list[str], context: int, ctx_len: int) -> LatentCard:
+    """``latent``'s card from the latents table and the crosscoder evaluation's top examples [F, k] (values, positions
+    in the flat comparison ``tokens``)."""
+    return LatentCard(latent, latents.iloc[latent].to_dict(), tuple(models),
+                      examples(top_values[latent], top_positions[latent], tokens, vocab, context, ctx_len))
+
+
+def render_latent_terminal(card: LatentCard) -> str:
+    """The card as terminal text: class and density, each model's decoder norm, share and Latent Scaling, the
+    per-model SAE feature closest to it, and its top activating contexts."""
+    row = card.row
+    lines = [click.style(f"crosscoder latent {card.latent}", bold=True)
+             + f"  {row['class']}  density {row['density']:.3g}  over {', '.join(card.models)}"]
+    for m, model in enumerate(card.models):
+        sae = (f"closest SAE feature {row[f'sae_feature_{m}']} (corr {number(row[f'sae_corr_{m}'])})"
+               if row[f"sae_feature_{m}"] >= 0 else "no SAE feature compared")
+        lines.append(f"  {model}: decoder norm {row[f'norm_{m}']:.3f} (share {number(row[f'share_{m}'], '.0%')}), "
+                     f"Latent Scaling recon {number(row[f'beta_recon_{m}'], '.2f')} / error "
+                     f"{number(row[f'beta_error_{m}'], '.2f')}; {sae}")
+    if str(row["class"]).startswith("exclusive"):
+        lines.append(f"  exclusive: another model's activations fit it at {number(row['explained_ratio'], '.2f')} of its own "
+                     f"norm ({'explained elsewhere' if row['explained_elsewhere'] else 'not explained elsewhere'})")
+    lines.append("top activating contexts:" if card.examples else "top activating contexts: none (it never fired)")
+    lines.extend(example_line(ex) for ex in card.examples)
+    return "\n".join(lines)

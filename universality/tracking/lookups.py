@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from universality.core.errors import UnivError
+from universality.core.run_names import crosscoder_name
 from universality.measures import splitting
 from universality.outputs import crosscoder_report, export, split_report
 from universality.outputs.feature_cards import RunSources, load_run_sources, vocab_strings
@@ -67,6 +68,38 @@ def load_splits(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
         return None
     with downloaded(client, run_id, {"splits": artifact}, "feature-splitting table") as paths:
         return export.read_table(paths["splits"], "parquet", splitting.SPLIT_COLUMNS)
+
+
+def crosscoder_card(client: MlflowClient, parent, latent: int, results_dir: Path) -> crosscoder_report.LatentCard:
+    """The card of a univ run's crosscoder ``latent``: its row of the latents table logged on the run, and its top
+    examples from the crosscoder's evaluation folder (recorded on its child run; it must be on this machine)."""
+    import numpy as np
+
+    from universality.analysis.heldout import eval_contexts
+    from universality.stages.crosscoder import TOP_POSITIONS, TOP_VALUES
+    from universality.text.tokenization import load_tokenizer
+
+    parent_id = parent.info.run_id
+    latents = load_crosscoder(client, parent_id)
+    children = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`{KIND}` = 'crosscoder' and "
+        f"tags.`univ.run_name` = '{crosscoder_name()}'"))
+    if latents is None or not children:
+        raise UnivError(f"run {parent_id} has no crosscoder (it runs with [crosscoder] enabled = true)")
+    if latent >= len(latents):
+        raise UnivError(f"latent {latent} is out of range: the crosscoder has {len(latents)} latents (0..{len(latents) - 1})")
+    tags, params = children[0].data.tags, parent.data.params
+    evaluation, data_dir = (stage_folder(tags["univ.crosscoder_eval_dir"], results_dir),
+                            stage_folder(parent.data.tags["univ.data_dir"], results_dir))
+    for folder in (evaluation, data_dir):
+        if not folder.is_dir():
+            raise UnivError(f"stage folder {folder} of run {parent_id} is not on this machine")
+    ctx_len = int(params["data.ctx_len"])
+    tokens = eval_contexts(np.load(data_dir / "heldout.npy", mmap_mode="r"), ctx_len, int(params["compare.tokens"]))
+    return crosscoder_report.latent_card(latents, tags["univ.crosscoder_models"].split(","), latent,
+                                         np.load(evaluation / TOP_VALUES), np.load(evaluation / TOP_POSITIONS),
+                                         tokens.flatten().numpy(), vocab_strings(load_tokenizer(data_dir / "tokenizer.json")),
+                                         int(params["compare.context_tokens"]), ctx_len)
 
 
 def load_crosscoder(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
