@@ -35,6 +35,7 @@ from sae.base import SAE
 from sae.constrained_adam import ConstrainedAdam
 from sae.registry import build_sae
 from sae.sparse import sparse_max_density
+from universality.runtime.memory import retain_freed_memory
 from universality.core.config import SAEConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -160,9 +161,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (torch's default: all cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    retained = retain_freed_memory()  # as the trainer does: both paths run with freed memory kept for reuse
     B, D, device = args.batch, args.d_in, args.device
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}; batch {B}, d_in {D}; "
-          f"sparse step while at most {sparse_max_density(device):.0%} of [B, F] is active; best of {args.steps} steps")
+          f"sparse step while at most {sparse_max_density(device):.0%} of [B, F] is active; best of {args.steps} steps; "
+          f"freed memory {'kept for reuse' if retained else 'returned to the system'} (as in training)")
     x_BD = torch.randn(B, D, device=device).relu_()
     wall = time.perf_counter()
     for F in args.d_sae:
