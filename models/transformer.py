@@ -132,3 +132,19 @@ def cross_entropy(logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, first_posit
     """Mean next-token cross-entropy (nats): position t predicts token t + 1, for t >= ``first_position``."""
     logits = logits_BTV[:, first_position:-1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens_BT[:, first_position + 1 :].reshape(-1))
+
+
+LOSS_CHUNK_ROWS = 512  # positions unembedded at once by ``next_token_loss``: their logits stay in cache
+
+
+def next_token_loss(model: OneLayerTransformer, resid_BTD: torch.Tensor, tokens_BT: torch.Tensor,
+                    first_position: int = 0, chunk_rows: int = LOSS_CHUNK_ROWS) -> float:
+    """``cross_entropy(model.unembed(resid_BTD), tokens_BT, first_position)`` as a float, without its [B, T, V] logits:
+    only the scored positions are unembedded, ``chunk_rows`` at a time, their losses summed in float64. The
+    whole-batch logits of a quick-sized model are tens of MiB, written, copied by the slice and read again; in
+    cache-sized chunks the same loss costs about 2.5x less (measured in the evaluation stage)."""
+    resid_ND = resid_BTD[:, first_position:-1].reshape(-1, resid_BTD.shape[-1])
+    targets_N = tokens_BT[:, first_position + 1 :].reshape(-1)
+    total = sum(float(F.cross_entropy(model.unembed(resid_ND[lo : lo + chunk_rows]), targets_N[lo : lo + chunk_rows],
+                                      reduction="sum")) for lo in range(0, len(resid_ND), chunk_rows))
+    return total / len(resid_ND)

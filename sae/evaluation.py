@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from models.transformer import OneLayerTransformer, cross_entropy
+from models.transformer import OneLayerTransformer, next_token_loss
 from sae.base import SAE
 from universality.measures.comparison import compare
 from universality.core.config import CompareConfig
@@ -97,7 +97,7 @@ def loss_recovered(
     One pass per batch, not three: the model has one layer and its MLP's output is linear in the neurons
     (n W_outᵀ + b_out), so the zero-ablated residual stream (the MLP's output at zero neurons: b_out) and the
     clean neurons give all three residuals, ablated + n W_outᵀ for n = the neurons, their reconstruction, 0,
-    and only the unembedding runs three times. ``recorded``: per batch, the SAE's features at positions
+    and only the unembedding runs three times (``next_token_loss``: the scored positions, in cache-sized chunks). ``recorded``: per batch, the SAE's features at positions
     ``first_position``.. of each context (row-major), when stored already (then the SAE is not run again)."""
     W_out_DM = model.mlp.W_out.weight
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0}
@@ -113,7 +113,7 @@ def loss_recovered(
         residuals = {"ce_clean": ablated_BTD + acts_BTM @ W_out_DM.T, "ce_sae": ablated_BTD + x_hat_BTM @ W_out_DM.T,
                      "ce_zero_ablation": ablated_BTD}
         for key, resid_BTD in residuals.items():
-            totals[key] += weight * float(cross_entropy(model.unembed(resid_BTD), tokens_BT, first_position))
+            totals[key] += weight * next_token_loss(model, resid_BTD, tokens_BT, first_position)
         n_tokens += weight
     if n_tokens == 0:
         raise DataError("no token batches to measure loss recovered on")

@@ -11,7 +11,7 @@ import torch
 from fast_pipeline import fast_cfg, run_fast
 from test_steering import tiny_sae
 
-from models.transformer import OneLayerTransformer, TransformerConfig, cross_entropy
+from models.transformer import OneLayerTransformer, TransformerConfig, cross_entropy, next_token_loss
 from sae.checkpoint import load_snapshot
 from sae.evaluation import convergence, evaluate_sae, loss_recovered
 from universality.analysis import heldout
@@ -60,6 +60,17 @@ def test_one_pass_loss_recovered_equals_three_full_forward_passes(act_fn, first_
         assert got[key] == pytest.approx(want[key], rel=0, abs=1e-12), key
     # the three differ, so each path is checked: the splice is not the identity, the ablation moves the loss
     assert min(abs(want["ce_sae"] - want["ce_clean"]), abs(want["ce_zero_ablation"] - want["ce_sae"])) > 1e-2
+
+
+@pytest.mark.parametrize("first_position", [0, 2])
+def test_next_token_loss_in_chunks_equals_the_whole_batch_cross_entropy(first_position):
+    model = float64_model("gelu")
+    tokens = torch.randint(0, 40, (5, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        resid, _ = model.residual(tokens)
+        want = float(cross_entropy(model.unembed(resid), tokens, first_position))
+        for rows in (7, 1, 1000):  # chunks that split contexts, one position each, the whole batch at once
+            assert next_token_loss(model, resid, tokens, first_position, chunk_rows=rows) == pytest.approx(want, rel=1e-13)
 
 
 def test_recorded_features_give_what_running_the_sae_gives():
