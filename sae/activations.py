@@ -21,9 +21,11 @@ _CHECK_ROWS = 65_536  # rows per chunk when scanning a .npy file for NaN/inf
 @torch.no_grad()
 def model_activations(
     model: torch.nn.Module, tokens: np.ndarray, ctx_len: int, batch_seqs: int, device: str | torch.device, seed: int,
-) -> Iterator[Tensor]:
+    with_tokens: bool = False,
+) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
     """MLP neuron activations [batch_seqs · ctx_len, d_mlp] (float32) of ``model`` on random contexts
-    of the 1-D token stream ``tokens``, forever. They stay on the model's device: a GPU run never
+    of the 1-D token stream ``tokens``, forever; ``with_tokens``: each chunk with its rows' current token ids
+    [batch_seqs · ctx_len] (for an SAE that reads them). They stay on the model's device: a GPU run never
     copies them to the host."""
     if tokens.ndim != 1 or len(tokens) < ctx_len:
         raise DataError(f"need a 1-D token stream of at least {ctx_len} tokens, got shape {tokens.shape}")
@@ -35,8 +37,10 @@ def model_activations(
         while True:
             starts_B = rng.integers(0, len(tokens) - ctx_len + 1, size=batch_seqs)
             batch_BT = torch.from_numpy(np.asarray(tokens[starts_B[:, None] + offsets_T], dtype=np.int64))
-            acts_BTM = model(batch_BT.to(device), return_mlp=True).mlp_acts
-            yield acts_BTM.reshape(-1, acts_BTM.shape[-1]).float()
+            batch_BT = batch_BT.to(device)
+            acts_BTM = model(batch_BT, return_mlp=True).mlp_acts
+            acts_ND = acts_BTM.reshape(-1, acts_BTM.shape[-1]).float()
+            yield (acts_ND, batch_BT.reshape(-1)) if with_tokens else acts_ND
     finally:
         model.train(was_training)
 
@@ -75,25 +79,29 @@ def array_chunks(array: np.ndarray, chunk_rows: int, seed: int | None) -> Iterat
 
 
 def shuffled_batches(
-    source: Iterator[Tensor], buffer_size: int, batch_size: int, generator: torch.Generator,
-) -> Iterator[Tensor]:
-    """Batches [batch_size, d] drawn from a shuffling buffer of about ``buffer_size`` rows.
+    source: Iterator[Tensor] | Iterator[tuple[Tensor, ...]], buffer_size: int, batch_size: int, generator: torch.Generator,
+) -> Iterator[Tensor] | Iterator[tuple[Tensor, ...]]:
+    """Batches [batch_size, d] drawn from a shuffling buffer of about ``buffer_size`` rows (of tuples of row-aligned
+    tensors, e.g. activations and their token ids, when ``source`` yields such tuples: shuffled together).
 
     Fill the buffer from ``source``, shuffle it, yield batches from its first half and keep the
     second half to mix with fresh rows: consecutive batches then rarely share a context.
     """
-    pieces: list[Tensor] = []  # the kept half, then fresh chunks: joined once the buffer is full
-    n_rows = 0
+    pieces: list[tuple[Tensor, ...]] = []  # the kept half, then fresh chunks: joined once the buffer is full
+    n_rows, tupled = 0, None
     for chunk in source:
-        pieces.append(chunk)
-        n_rows += len(chunk)
+        tupled = isinstance(chunk, tuple) if tupled is None else tupled
+        pieces.append(chunk if tupled else (chunk,))
+        n_rows += len(pieces[-1][0])
         if n_rows < max(buffer_size, 2 * batch_size):
             continue
-        buffer = torch.cat(pieces)
-        buffer = buffer[torch.randperm(len(buffer), generator=generator).to(buffer.device)]
-        n_out = (len(buffer) // 2) // batch_size * batch_size
-        yield from buffer[:n_out].split(batch_size)
-        pieces, n_rows = [buffer[n_out:]], len(buffer) - n_out
+        buffers = [torch.cat(parts) for parts in zip(*pieces)]
+        order = torch.randperm(n_rows, generator=generator)
+        buffers = [b[order.to(b.device)] for b in buffers]
+        n_out = (n_rows // 2) // batch_size * batch_size
+        batches = zip(*(b[:n_out].split(batch_size) for b in buffers))
+        yield from (batches if tupled else (batch[0] for batch in batches))
+        pieces, n_rows = [tuple(b[n_out:] for b in buffers)], n_rows - n_out
 
 
 def zero_padded(source: Iterator[Tensor], width: int) -> Iterator[Tensor]:

@@ -9,6 +9,10 @@ Precision: the parameters (and Adam's state) are always float32. With ``matmul_d
 the weights, and the gradients come back in float32: explicit casts, not autocast, so that every op's
 precision is visible here and the encoder's backward stays one matmul (see ``_Encoder``).
 
+Tokens: every entry point (``encode``, ``forward``, ``loss``, ``per_input_loss``) takes the current token id of each
+input, which only an SAE that ``reads_tokens`` uses (``sae.tokenized``: a per-token decoder bias); the others
+ignore it.
+
 Sparse steps: while few features are active, ``ReLUSAE.loss`` and ``TopKSAE.loss`` run every product but the
 encoder's forward one over the active features only (``sae.sparse``; ``sparse_max_density`` says when).
 """
@@ -58,6 +62,7 @@ class SAE(nn.Module):
 
     arch: ClassVar[str]
     resamples_dead: ClassVar[bool] = True  # whether the trainer resamples dead features (the paper's fix)
+    reads_tokens: ClassVar[bool] = False  # whether its inputs need their current token ids (sae.tokenized)
 
     def __init__(self, d_in: int, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -93,7 +98,15 @@ class SAE(nn.Module):
         """Pre-activations -> features; the paper's ReLU by default."""
         return torch.relu(pre_BF)
 
-    def encode(self, x_BD: Tensor) -> Tensor:
+    def encoder_input(self, x_BD: Tensor, tokens_B: Tensor | None = None) -> Tensor:
+        """What the encoder reads before b_dec is subtracted: the activations themselves (see ``sae.tokenized``)."""
+        return x_BD
+
+    def decoder_bias(self, tokens_B: Tensor | None = None) -> Tensor:
+        """What the decoder adds to f W_dec: b_dec (per token for ``sae.tokenized``)."""
+        return self.b_dec
+
+    def encode(self, x_BD: Tensor, tokens_B: Tensor | None = None) -> Tensor:
         return self.activation(self.pre_acts(x_BD))
 
     def directions_sum(self, f_BF: Tensor) -> Tensor:
@@ -104,7 +117,11 @@ class SAE(nn.Module):
     def decode(self, f_BF: Tensor) -> Tensor:
         return self.directions_sum(f_BF) + self.b_dec
 
-    def forward(self, x_BD: Tensor) -> SAEOutput:
+    def forward(self, x_BD: Tensor, tokens_B: Tensor | None = None) -> SAEOutput:
+        return self._forward(x_BD)
+
+    def _forward(self, x_BD: Tensor) -> SAEOutput:
+        """The SAE's math on inputs that need no tokens (what ``forward`` runs for the architectures that read none)."""
         pre_BF = self.pre_acts(x_BD)
         f_BF = self.activation(pre_BF)
         return SAEOutput(self.decode(f_BF), f_BF, pre_BF)
@@ -117,14 +134,14 @@ class SAE(nn.Module):
         """An auxiliary loss (e.g. TopK's AuxK on dead features); none by default."""
         return x_BD.new_zeros(())
 
-    def per_input_loss(self, x_BD: Tensor) -> Tensor:
+    def per_input_loss(self, x_BD: Tensor, tokens_B: Tensor | None = None) -> Tensor:
         """Loss of each input [B] (reconstruction + penalty): what resampling weights inputs by."""
-        out = self(x_BD)
+        out = self._forward(x_BD)
         return (out.x_hat - x_BD).pow(2).mean(dim=1) + self.penalty(out.f)
 
-    def loss(self, x_BD: Tensor, dead_F: Tensor | None = None) -> SAELoss:
+    def loss(self, x_BD: Tensor, dead_F: Tensor | None = None, tokens_B: Tensor | None = None) -> SAELoss:
         """The training loss; ``dead_F`` marks features that have not fired lately (for aux losses)."""
-        out = self(x_BD)
+        out = self._forward(x_BD)
         mse = (out.x_hat - x_BD).pow(2).mean()
         aux = self.aux_loss(x_BD, out.x_hat, out.pre_acts, dead_F)
         l1, fires_F = batch_stats(out.f.detach())

@@ -32,9 +32,10 @@ def saelens_fields(sae: SAE) -> dict[str, Any]:
     """The cfg.json fields SAELens's ``SAE.load_from_disk`` reads (TopK's ``k`` is univ's field of the same
     name): the SAE works on raw activations (the input scale is folded in, so no normalization) and
     subtracts b_dec before encoding, as SAELens's SAEs do."""
-    fields = {"architecture": SAELENS_ARCHITECTURES[sae.arch], "d_in": sae.d_in, "d_sae": sae.d_sae,
+    fields = {"architecture": SAELENS_ARCHITECTURES.get(sae.arch, sae.arch), "d_in": sae.d_in, "d_sae": sae.d_sae,
               "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
               "reshape_activations": "none"}
+    fields |= {"vocab_size": sae.vocab_size} if sae.reads_tokens else {}  # not SAELens's: its b_tok [V, D] is univ's own
     return fields | ({"rescale_acts_by_decoder_norm": False} if sae.arch == "topk" else {})
 
 
@@ -48,7 +49,7 @@ def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Pa
     (out / COMPLETE_MARKER).unlink(missing_ok=True)
     (out / SNAPSHOT_FILE).unlink(missing_ok=True)
 
-    _save_parameters({name: getattr(sae, name) for name in PARAM_NAMES}, out / WEIGHTS_FILE)
+    _save_parameters(dict(sae.named_parameters()), out / WEIGHTS_FILE)
     if isinstance(trained_or_sae, TrainedSAE) and trained_or_sae.snapshot is not None:
         _save_parameters(trained_or_sae.snapshot, out / SNAPSHOT_FILE)
     sae_cfg = {**saelens_fields(sae), **dataclasses.asdict(cfg)}
@@ -64,8 +65,10 @@ def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Pa
 
 
 def _save_parameters(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """SAELens's four tensors, and a tokenized SAE's ``b_tok``."""
+    names = PARAM_NAMES + (("b_tok",) if "b_tok" in tensors else ())
     with atomic_path(path) as tmp:
-        save_file({name: tensors[name].detach().to("cpu", torch.float32).contiguous() for name in PARAM_NAMES}, str(tmp))
+        save_file({name: tensors[name].detach().to("cpu", torch.float32).contiguous() for name in names}, str(tmp))
 
 
 def is_complete(out_dir: str | Path) -> bool:
@@ -81,14 +84,17 @@ def load_sae(out_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
     raw = json.loads((out / CFG_FILE).read_text())
     fields = {f.name for f in dataclasses.fields(SAEConfig)}
     cfg = SAEConfig(**{key: value for key, value in raw.items() if key in fields})
-    if cfg.dict_size != raw["d_sae"] or raw["architecture"] not in (cfg.arch, SAELENS_ARCHITECTURES[cfg.arch]):
+    if cfg.dict_size != raw["d_sae"] or raw["architecture"] not in (cfg.arch, SAELENS_ARCHITECTURES.get(cfg.arch)):
         raise ConfigError(f"{out / CFG_FILE} is inconsistent (dict_size/d_sae or arch/architecture differ)")
-    sae = build_sae(cfg, raw["d_in"])
-    tensors = load_file(str(out / WEIGHTS_FILE))
-    with torch.no_grad():
-        for name in PARAM_NAMES:
-            getattr(sae, name).copy_(tensors[name])
+    sae = build_sae(cfg, raw["d_in"], vocab_size=raw.get("vocab_size"))
+    _load_parameters(sae, load_file(str(out / WEIGHTS_FILE)))
     return sae.to(device)
+
+
+@torch.no_grad()
+def _load_parameters(sae: SAE, tensors: dict[str, torch.Tensor]) -> None:
+    for name, param in sae.named_parameters():
+        param.copy_(tensors[name])
 
 
 def load_snapshot(out_dir: str | Path, device: str | torch.device = "cpu") -> SAE | None:
@@ -97,10 +103,7 @@ def load_snapshot(out_dir: str | Path, device: str | torch.device = "cpu") -> SA
     if not (out / SNAPSHOT_FILE).exists():
         return None
     sae = load_sae(out, device)
-    tensors = load_file(str(out / SNAPSHOT_FILE))
-    with torch.no_grad():
-        for name in PARAM_NAMES:
-            getattr(sae, name).copy_(tensors[name])
+    _load_parameters(sae, load_file(str(out / SNAPSHOT_FILE)))
     return sae
 
 

@@ -91,7 +91,10 @@ class Crosscoder(SAE):
         """x̂^m = (f W_dec^m + b_dec^m) / s_m, [B, M, D] in raw units."""
         return super().decode(f_BF).view(-1, self.n_models, self.d_model) / self.input_scale_M[:, None]
 
-    def forward(self, x_BMD: Tensor) -> SAEOutput:
+    def forward(self, x_BMD: Tensor, tokens_B: Tensor | None = None) -> SAEOutput:
+        return self._forward(x_BMD)
+
+    def _forward(self, x_BMD: Tensor) -> SAEOutput:
         pre_BF = self.pre_acts(x_BMD)
         f_BF = self.activation(pre_BF)
         return SAEOutput(self.decode(f_BF), f_BF, pre_BF)
@@ -105,7 +108,7 @@ class Crosscoder(SAE):
         up to 1/D, so that λ (and k) weigh a latent against each model's reconstruction as an SAE's do."""
         return (x_hat_BMD - x_BMD).pow(2).mean(dim=2).sum(dim=1)
 
-    def per_input_loss(self, x_BMD: Tensor) -> Tensor:
+    def per_input_loss(self, x_BMD: Tensor, tokens_B: Tensor | None = None) -> Tensor:
         """Each input's reconstruction error + penalty [B]: what resampling weights inputs by."""
         out = self(x_BMD)
         return self.reconstruction_error(x_BMD, out.x_hat) + self.penalty(out.f)
@@ -114,7 +117,7 @@ class Crosscoder(SAE):
         """The activation the training loss uses; ``activation`` (inference) by default."""
         return self.activation(pre_BF)
 
-    def loss(self, x_BMD: Tensor, dead_F: Tensor | None = None) -> SAELoss:
+    def loss(self, x_BMD: Tensor, dead_F: Tensor | None = None, tokens_B: Tensor | None = None) -> SAELoss:
         """Σ_m each model's MSE + the variant's penalty + its auxiliary loss. ``mse`` is the mean over all
         M·D elements (comparable with an SAE's); ``l1`` is the weighted Σ_i f_i Σ_m ||d_i^m|| (Lindsey's)."""
         pre_BF = self.pre_acts(x_BMD)

@@ -23,27 +23,39 @@ DENSE_DENSITY = 0.1  # fires on more than 10% of tokens: λ is probably too low
 Recorded = Iterable[sp.csr_matrix] | None  # per batch, the SAE's features as the activations stage stored them
 
 
-def with_recorded(batches: Iterable[Tensor], recorded: Recorded) -> Iterator[tuple[Tensor, sp.csr_matrix | None]]:
-    """Each batch with its recorded features (None: none recorded, the SAE runs on the batch)."""
-    return zip(batches, recorded, strict=True) if recorded is not None else ((batch, None) for batch in batches)
+Tokens = Iterable[Tensor] | None  # per batch, the current token id of each row (for an SAE that reads them)
 
 
-def reconstruct(sae: SAE, x_BD: Tensor, recorded: sp.csr_matrix | None) -> tuple[Tensor, Tensor, float]:
+def with_recorded(batches: Iterable[Tensor], recorded: Recorded, tokens: Tokens = None
+                  ) -> Iterator[tuple[Tensor, sp.csr_matrix | None, Tensor | None]]:
+    """Each batch with its recorded features (None: none recorded, the SAE runs on the batch) and its token ids
+    (None: none given)."""
+    given = [stream for stream in (recorded, tokens) if stream is not None]
+    for batch, *rest in zip(batches, *given, strict=True):
+        extra = iter(rest)
+        yield batch, next(extra) if recorded is not None else None, next(extra) if tokens is not None else None
+
+
+def reconstruct(sae: SAE, x_BD: Tensor, recorded: sp.csr_matrix | None, tokens_B: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, float]:
     """(x̂ [B, D] in x's dtype, how many inputs each feature fires on [F] (float64), the sum of f) of a batch:
-    the SAE run on it, or decoded from its ``recorded`` features over the active latents only (f W_dec + b_dec,
-    the product in float64): the recorded features are the SAE's encoding of the same inputs."""
+    the SAE run on it, or decoded from its ``recorded`` features over the active latents only (f W_dec + the
+    decoder bias, the product in float64): the recorded features are the SAE's encoding of the same inputs."""
     if recorded is None:
-        out = sae(x_BD)
+        out = sae(x_BD, tokens_B)
         return out.x_hat, (out.f > 0).sum(dim=0).double(), float(out.f.double().sum())
-    x_hat = torch.from_numpy(recorded @ sae.W_dec.detach().double().cpu().numpy()).to(x_BD) + sae.b_dec.to(x_BD)
+    bias = sae.decoder_bias(tokens_B).detach().to(x_BD)
+    x_hat = torch.from_numpy(recorded @ sae.W_dec.detach().double().cpu().numpy()).to(x_BD) + bias
     fired = np.bincount(recorded.indices[recorded.data > 0], minlength=sae.d_sae)
     return x_hat, torch.from_numpy(fired).to(x_BD.device, torch.float64), float(recorded.data.sum())
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor], recorded: Recorded = None) -> dict[str, Any]:
+def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor], recorded: Recorded = None,
+                 tokens: Tokens = None) -> dict[str, Any]:
     """Metrics over held-out activation batches [B, D] (raw scale, as the saved SAE expects); ``recorded``:
-    the SAE's features of the same batches, when stored already (then the SAE is not run again).
+    the SAE's features of the same batches, when stored already (then the SAE is not run again); ``tokens``: the
+    batches' token ids (an SAE that reads them needs them).
 
     mse (mean over elements), fvu (squared error / total variance), l0 and l1 per token, the
     fractions of dead (never fired) and dense features, the ultralow-density count, each feature's
@@ -53,9 +65,9 @@ def evaluate_sae(sae: SAE, activation_batches: Iterable[Tensor], recorded: Recor
     sq_err = l0 = l1 = 0.0
     sum_D = sum_sq_D = None
     fired_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
-    for batch, features in with_recorded(activation_batches, recorded):
+    for batch, features, tokens_B in with_recorded(activation_batches, recorded, tokens):
         x_BD = batch.to(device, torch.float32)
-        x_hat_BD, batch_fired_F, batch_l1 = reconstruct(sae, x_BD, features)
+        x_hat_BD, batch_fired_F, batch_l1 = reconstruct(sae, x_BD, features, tokens_B)
         n += len(x_BD)
         sq_err += float((x_hat_BD - x_BD).double().pow(2).sum())
         l0 += float(batch_fired_F.sum())
@@ -102,14 +114,14 @@ def loss_recovered(
     W_out_DM = model.mlp.W_out.weight
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero_ablation": 0.0}
     n_tokens = 0
-    for batch, features in with_recorded(token_batches, recorded):
+    for batch, features, _ in with_recorded(token_batches, recorded):
         tokens_BT = torch.as_tensor(batch, dtype=torch.long).to(device)
         weight = tokens_BT.shape[0] * (tokens_BT.shape[1] - 1 - first_position)  # predicted positions in this batch
         ablated_BTD, acts_BTM = model.residual(tokens_BT, mlp_hook=torch.zeros_like)  # acts: the clean neurons
         scored_BSM = acts_BTM[:, first_position:]
         x_hat_BTM = acts_BTM.clone()  # earlier positions predict nothing scored: left clean
-        x_hat_BTM[:, first_position:] = reconstruct(sae, scored_BSM.reshape(-1, acts_BTM.shape[-1]),
-                                                    features)[0].reshape(scored_BSM.shape)
+        x_hat_BTM[:, first_position:] = reconstruct(sae, scored_BSM.reshape(-1, acts_BTM.shape[-1]), features,
+                                                    tokens_BT[:, first_position:].reshape(-1))[0].reshape(scored_BSM.shape)
         residuals = {"ce_clean": ablated_BTD + acts_BTM @ W_out_DM.T, "ce_sae": ablated_BTD + x_hat_BTM @ W_out_DM.T,
                      "ce_zero_ablation": ablated_BTD}
         for key, resid_BTD in residuals.items():
@@ -125,16 +137,16 @@ def loss_recovered(
 
 @torch.no_grad()
 def convergence(final: SAE, earlier: SAE, activation_batches: Iterable[Tensor], cfg: CompareConfig,
-                recorded: Recorded = None) -> dict[str, float]:
+                recorded: Recorded = None, tokens: Tokens = None) -> dict[str, float]:
     """How much the dictionary still moved late in training: each feature of the ``final`` SAE matched to
     the ``earlier`` one (e.g. at 75% of training) by activation correlation on held-out activations,
     and by decoder cosine (one-to-one). 1 for an SAE that stopped moving; low for unrelated SAEs.
     ``recorded``: the final SAE's features of the same batches, when stored already (not encoded again)."""
     def chunks():
-        for batch, features in with_recorded(activation_batches, recorded):
+        for batch, features, tokens_B in with_recorded(activation_batches, recorded, tokens):
             x_BD = batch.to(final.W_dec.device, torch.float32)
-            final_features = to_csr(final.encode(x_BD).cpu()) if features is None else features
-            yield final_features, to_csr(earlier.encode(x_BD).cpu())
+            final_features = to_csr(final.encode(x_BD, tokens_B).cpu()) if features is None else features
+            yield final_features, to_csr(earlier.encode(x_BD, tokens_B).cpu())
 
     result = compare(chunks(), cfg)
     decoder = decoder_statistics(final.W_dec.detach().cpu().numpy(), earlier.W_dec.detach().cpu().numpy(),

@@ -20,7 +20,7 @@ class ReLUSAE(SAE):
         """λ · L1 of each input's features (f ≥ 0 after the ReLU, so |f| = f)."""
         return self.cfg.l1_coeff * f_BF.sum(dim=1)
 
-    def loss(self, x_BD: Tensor, dead_F: Tensor | None = None) -> SAELoss:
+    def loss(self, x_BD: Tensor, dead_F: Tensor | None = None, tokens_B: Tensor | None = None) -> SAELoss:
         """``SAE.loss`` (the reference it is tested against), computed sparse (``sae.sparse``) while few
         features are active, else dense with the L1 gradient fused into the ReLU's backward: the
         penalty's [B, F] gradient is then never built and summed on its own. The returned loss has the

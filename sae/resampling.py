@@ -19,20 +19,24 @@ ENCODER_NORM_FACTOR = 0.2  # the paper's 0.2 × mean alive encoder norm
 @torch.no_grad()
 def resample_dead(
     sae: SAE, optimizer: torch.optim.Optimizer, dead_F: Tensor, inputs_ND: Tensor, generator: torch.Generator,
-    chunk: int = 8192,
+    tokens_N: Tensor | None = None, chunk: int = 8192,
 ) -> int:
-    """Re-initialise the features marked in ``dead_F`` from ``inputs_ND``; returns how many."""
+    """Re-initialise the features marked in ``dead_F`` from ``inputs_ND`` (with their token ids ``tokens_N``, for an SAE
+    that reads them: the direction is then taken from what the encoder reads, ``SAE.encoder_input``); returns how many."""
     dead_idx = dead_F.nonzero().squeeze(1)
     n_dead = len(dead_idx)
     if n_dead == 0:
         return 0
-    loss_N = torch.cat([sae.per_input_loss(x) for x in inputs_ND.split(chunk)])
+    token_chunks = tokens_N.split(chunk) if tokens_N is not None else [None] * -(-len(inputs_ND) // chunk)
+    loss_N = torch.cat([sae.per_input_loss(x, t) for x, t in zip(inputs_ND.split(chunk), token_chunks)])
     weights_N = loss_N.double().pow(2)
     if not weights_N.sum() > 0:  # perfect reconstruction everywhere: sample uniformly
         weights_N = torch.ones_like(weights_N)
     enough = int((weights_N > 0).sum()) >= n_dead
     picks = torch.multinomial(weights_N.cpu(), n_dead, replacement=not enough, generator=generator)
-    x_bar_KD = inputs_ND[picks.to(inputs_ND.device)].flatten(1) - sae.b_dec  # a crosscoder's [K, M, D] as [K, M·D]
+    picked = picks.to(inputs_ND.device)
+    encoded_KD = sae.encoder_input(inputs_ND[picked], None if tokens_N is None else tokens_N[picked.to(tokens_N.device)])
+    x_bar_KD = encoded_KD.flatten(1) - sae.b_dec  # a crosscoder's [K, M, D] as [K, M·D]
     directions_KD = x_bar_KD / x_bar_KD.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     alive_F = ~dead_F

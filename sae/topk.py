@@ -25,7 +25,7 @@ class TopKSAE(SAE):
         vals_BK, idx_BK = self.top_k(pre_BF)
         return torch.zeros_like(pre_BF).scatter_(1, idx_BK, vals_BK)
 
-    def loss(self, x_BD: Tensor, dead_F: Tensor | None = None) -> SAELoss:
+    def loss(self, x_BD: Tensor, dead_F: Tensor | None = None, tokens_B: Tensor | None = None) -> SAELoss:
         """``SAE.loss`` (the dense reference it is tested against), computed sparse (``sae.sparse``) when
         k latents of d_sae are few enough: only the k active latents are decoded, and only they get
         decoder, encoder and feature gradients."""

@@ -113,10 +113,12 @@ def initial_b_dec(x_ND: Tensor) -> Tensor:
 def train_sae(
     batches: Iterator[Tensor], cfg: SAEConfig, d_in: int, *, seed: int, device: str | torch.device = "cpu",
     progress: bool = True, checkpoint_dir: Path | None = None, model_dims: Sequence[int] | None = None,
+    vocab_size: int | None = None,
 ) -> TrainedSAE:
     """Train a ``cfg.arch`` SAE on ``cfg.samples // cfg.batch_size`` batches [batch_size, d_in] of raw activations
     (a crosscoder: [batch_size, n_models, d_in], every model's activations at the same tokens; ``model_dims``: the
-    models' own widths when they differ, each zero-padded to d_in).
+    models' own widths when they differ, each zero-padded to d_in). An SAE that reads tokens (``sae.tokenized``) gets
+    (activations, token ids [batch_size]) pairs instead, ids below ``vocab_size``.
 
     With ``checkpoint_dir``, save a resumable checkpoint every ~10% of the steps and resume from the
     last one: ``batches`` must then be a deterministic stream (the same batches on every call), which
@@ -126,14 +128,20 @@ def train_sae(
     steps = cfg.samples // cfg.batch_size
     generator = torch.Generator().manual_seed(seed)
     first = list(itertools.islice(batches, max(1, min(steps, math.ceil(INIT_SAMPLES / cfg.batch_size)))))
-    if not first or first[0].ndim not in (2, 3) or first[0].shape[-1] != d_in:
+    x_first = [_split(batch)[0] for batch in first]
+    if not first or x_first[0].ndim not in (2, 3) or x_first[0].shape[-1] != d_in:
         raise DataError(f"expected activation batches with {d_in} columns")
-    sample_ND = torch.cat(first)[:INIT_SAMPLES].float()
+    sample_ND = torch.cat(x_first)[:INIT_SAMPLES].float()
     scale = input_scale(sample_ND)
 
-    sae = build_sae(cfg, d_in, generator, n_models=first[0].shape[1] if first[0].ndim == 3 else 1, model_dims=model_dims)
+    sae = build_sae(cfg, d_in, generator, n_models=x_first[0].shape[1] if x_first[0].ndim == 3 else 1,
+                    model_dims=model_dims, vocab_size=vocab_size)
+    if sae.reads_tokens != (_split(first[0])[1] is not None):
+        raise DataError(f"an SAE of arch {cfg.arch!r} {'needs' if sae.reads_tokens else 'reads no'} token ids with its activations")
     with torch.no_grad():
         sae.b_dec.copy_(initial_b_dec(sample_ND * scale))
+    if sae.reads_tokens:  # the per-token decoder bias starts at each token's mean (sae.tokenized)
+        sae.init_token_bias(sample_ND * scale, torch.cat([_split(batch)[1] for batch in first])[:INIT_SAMPLES])
     sae.to(device)
     device_scale = scale.to(device) if isinstance(scale, Tensor) else scale
     precision = resolve_precision(cfg.precision, device)
@@ -156,12 +164,13 @@ def train_sae(
     bar = progress_bar(total=steps, initial=start, disable=not progress, desc=f"SAE {cfg.arch}", unit="step", leave=False)
 
     for step in range(start + 1, steps + 1):
-        x_BD = next(source).to(device, torch.float32) * device_scale
+        x_BD, tokens_B = _split(next(source))
+        x_BD = x_BD.to(device, torch.float32) * device_scale
         state.consumed += 1
         lr = cfg.lr * lr_factor(step, steps, warmup_steps, decay_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        out = sae.loss(x_BD, state.firing.dead(step, window))
+        out = sae.loss(x_BD, state.firing.dead(step, window), tokens_B)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -173,9 +182,11 @@ def train_sae(
             _check_finite(state.sums, step)
             resample_batches = list(itertools.islice(source, math.ceil(cfg.resample_inputs / cfg.batch_size)))
             state.consumed += len(resample_batches)
-            inputs_ND = torch.cat(resample_batches)
+            inputs = [_split(batch) for batch in resample_batches]
+            inputs_ND = torch.cat([x for x, _ in inputs])
+            tokens_N = torch.cat([t for _, t in inputs]) if sae.reads_tokens else None
             dead_F = state.firing.dead(step, window)
-            n = resample_dead(sae, optimizer, dead_F, inputs_ND.to(device, torch.float32) * device_scale, generator)
+            n = resample_dead(sae, optimizer, dead_F, inputs_ND.to(device, torch.float32) * device_scale, generator, tokens_N)
             state.firing.restart(dead_F, step)
             trained.resampling_events.append({"step": step, "n_resampled": n})
         if step == snapshot_step:
@@ -197,6 +208,11 @@ def train_sae(
     sae.matmul_dtype, sae.sparse_max_density = None, 0.0  # the returned SAE computes like any loaded one
     sae.fold_input_scale(scale)
     return trained
+
+
+def _split(batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(activations, their token ids or None) of a batch: a tensor, or an (activations, token ids) pair."""
+    return batch if isinstance(batch, tuple) else (batch, None)
 
 
 def _folded_parameters(sae: SAE, scale: float | Tensor) -> dict[str, Tensor]:

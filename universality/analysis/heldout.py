@@ -130,10 +130,11 @@ def record(model: OneLayerTransformer, sae: SAE, contexts: torch.Tensor, directo
     with atomic_path(directory / NEURONS) as tmp:
         neurons = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_tokens, d_mlp))
         row = 0
-        for acts_NM in progress_bar(mlp_neurons(model, contexts, device, skip, batch_contexts), desc="held-out activations",
-                                    total=-(-n_ctx // batch_contexts), leave=False):
+        batches = zip(contexts.split(batch_contexts), mlp_neurons(model, contexts, device, skip, batch_contexts))
+        for contexts_BT, acts_NM in progress_bar(batches, desc="held-out activations", total=-(-n_ctx // batch_contexts),
+                                                 leave=False):
             neurons[row : row + len(acts_NM)] = acts_NM.cpu().numpy()
-            features_NF = sae.encode(acts_NM).cpu()
+            features_NF = sae.encode(acts_NM, contexts_BT[:, skip:].reshape(-1)).cpu()  # tokens: for an SAE that reads them
             feature_chunks.append(to_csr(features_NF))
             top.update(features_NF)
             row += len(acts_NM)

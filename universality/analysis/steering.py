@@ -35,6 +35,7 @@ from torch import Tensor
 
 from models.transformer import MLPHook, OneLayerTransformer
 from sae.base import SAE
+from universality.core.errors import UnivError
 from universality.measures.matching import NO_PARTNER, Matching
 
 UNEMBED_ROWS = 8192  # rows unembedded at once: a [rows, V] logits block
@@ -128,7 +129,11 @@ def ablation_effect(model: OneLayerTransformer, res: Residuals, rows_R: np.ndarr
 
 def feature_hook(sae: SAE, features: Sequence[int], value: float | None = None) -> MLPHook:
     """The intervention on the neurons [..., M] as an MLP hook: ``value`` None ablates the features (subtracts
-    f_i d_i), a number pins each of them to it (adds (value - f_i) d_i), at every position."""
+    f_i d_i), a number pins each of them to it (adds (value - f_i) d_i), at every position. An SAE that reads tokens
+    cannot be hooked: a hook sees the neurons, not the tokens."""
+    if sae.reads_tokens:
+        raise UnivError(f"a {sae.arch} SAE's features cannot be steered: its encoder needs each position's token, "
+                        "which an MLP hook does not see")
     index = torch.as_tensor(list(features), dtype=torch.long)
 
     def hook(acts_XM: Tensor) -> Tensor:

@@ -83,7 +83,7 @@ class TrainConfig:
         _require(0 <= self.warmup_steps <= self.steps, "train.warmup_steps must be within [0, train.steps]")
 
 
-SAE_ARCHITECTURES = ("relu", "topk", "crosscoder-l1", "crosscoder-batchtopk")
+SAE_ARCHITECTURES = ("relu", "topk", "relu-tokenized", "crosscoder-l1", "crosscoder-batchtopk")
 TOP_K_ARCHITECTURES = ("topk", "crosscoder-batchtopk")  # the architectures that use sae.k
 
 
@@ -91,7 +91,8 @@ TOP_K_ARCHITECTURES = ("topk", "crosscoder-batchtopk")  # the architectures that
 class SAEConfig:
     """Sparse autoencoder on the MLP activations ("Towards Monosemanticity"; TopK after Gao et al.)."""
 
-    # "relu" (ReLU + L1, the paper's) | "topk" | a crosscoder over several models' activations at the same tokens
+    # "relu" (ReLU + L1, the paper's) | "topk" | "relu-tokenized" (the paper's with a per-token decoder bias,
+    # Dooms & Wilhelm 2025: sae/tokenized.py) | a crosscoder over several models' activations at the same tokens
     # (sae/crosscoder.py): "crosscoder-l1" (Lindsey et al. 2024: L1 weighted by the summed decoder norms) or
     # "crosscoder-batchtopk" (Minder et al. 2025: the k · batch largest activations of the batch, AuxK). A crosscoder
     # reuses dict_size (latents), l1_coeff (L1), k and aux_k_coeff (BatchTopK) and every training field.
@@ -270,7 +271,7 @@ class ExperimentConfig:
                  f"compare.tokens ({self.compare.tokens}) must not exceed data.heldout_tokens ({self.data.heldout_tokens}): "
                  "activations are compared on held-out tokens")
         _require(self.sae.arch not in CROSSCODER_ARCHITECTURES,
-                 f"sae.arch {self.sae.arch!r} is a crosscoder: the per-model SAEs need 'relu' or 'topk'; "
+                 f"sae.arch {self.sae.arch!r} is a crosscoder: the per-model SAEs need 'relu', 'topk' or 'relu-tokenized'; "
                  "a run's crosscoder is the [crosscoder] section")
         _require(self.crosscoder.samples >= self.sae.batch_size,
                  f"crosscoder.samples must be >= sae.batch_size ({self.sae.batch_size})")

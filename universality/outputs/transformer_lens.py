@@ -28,6 +28,7 @@ from torch import Tensor
 
 from models.transformer import OneLayerTransformer, TransformerConfig
 from sae.checkpoint import CFG_FILE as SAE_CFG_FILE
+from sae.checkpoint import SAELENS_ARCHITECTURES
 from sae.checkpoint import WEIGHTS_FILE as SAE_WEIGHTS_FILE
 from universality.core.errors import UnivError
 from universality.runtime.atomic import atomic_path, write_text
@@ -90,7 +91,11 @@ def _heads_in(W: Tensor, n_heads: int) -> Tensor:
 def saelens_cfg(sae_cfg: Mapping[str, Any], model_name: str, ctx_len: int) -> dict[str, Any]:
     """A univ SAE's ``cfg.json`` (already in SAELens's layout, see ``sae.checkpoint.saelens_fields``) hooked on
     the exported model: the hook, the model and its context as top-level fields, where SAELens before 6 reads
-    them and from which SAELens 6 builds its ``metadata`` (a cfg without ``sae_lens_version``)."""
+    them and from which SAELens 6 builds its ``metadata`` (a cfg without ``sae_lens_version``). An SAE SAELens has no
+    architecture for (the tokenized SAE's per-token decoder bias) is a one-line error."""
+    if sae_cfg["architecture"] not in SAELENS_ARCHITECTURES.values():
+        raise UnivError(f"an SAE of architecture {sae_cfg['architecture']!r} has no SAELens equivalent: export and "
+                        "visualize the 'relu' or 'topk' SAEs of a run")
     return {**sae_cfg, "hook_name": HOOK_NAME, "hook_layer": 0, "hook_head_index": None, "model_name": model_name,
             "model_class_name": "HookedTransformer", "context_size": ctx_len, "prepend_bos": False}
 

@@ -40,13 +40,14 @@ def build(dataset: Dataset, model: RunModel, sae: RunSAE, acts: HeldoutActivatio
         contexts = heldout.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
         skip = cfg.compare.skip_first_positions
         rows = BATCH_CONTEXTS * (cfg.data.ctx_len - skip)  # the stored rows of a batch of contexts
-        metrics = evaluate_sae(sae.sae, acts.neuron_chunks(rows), acts.feature_chunks(rows))
+        tokens = lambda: contexts[:, skip:].reshape(-1).split(rows)  # noqa: E731  each stored row's current token
+        metrics = evaluate_sae(sae.sae, acts.neuron_chunks(rows), acts.feature_chunks(rows), tokens())
         metrics.update(loss_recovered(model.model, sae.sae, contexts.split(BATCH_CONTEXTS), device, skip,
                                       acts.feature_chunks(rows)))
         snapshot = load_snapshot(sae.directory, device)
         if snapshot is not None:
             metrics.update(convergence(sae.sae, snapshot, acts.neuron_chunks(rows), cfg.compare,
-                                       acts.feature_chunks(rows)))
+                                       acts.feature_chunks(rows), tokens()))
         write_text(directory / "metrics.json", json.dumps(metrics, default=jsonable))
         return {"run": sae.name}
 

@@ -18,6 +18,7 @@ import torch
 from sae.activations import model_activations, shuffled_batches
 from sae.base import SAE
 from sae.checkpoint import load_sae, save_sae
+from sae.registry import SAE_CLASSES
 from sae.training import resolve_precision, train_sae
 from universality.analysis.own_neurons import OwnNeurons
 from universality.analysis.token_share import TokenShares
@@ -84,10 +85,12 @@ def build(dataset: Dataset, model: RunModel, cfg: ExperimentConfig, sae_key: str
 
     def compute(directory: Path) -> dict:
         seqs = max(1, cfg.sae.batch_size // cfg.data.ctx_len)
-        source = model_activations(model.model, dataset.train, cfg.data.ctx_len, seqs, device, seed=seed)
+        reads_tokens = SAE_CLASSES[cfg.sae.arch].reads_tokens  # a tokenized SAE trains on (activations, token ids)
+        source = model_activations(model.model, dataset.train, cfg.data.ctx_len, seqs, device, seed=seed,
+                                   with_tokens=reads_tokens)
         batches = shuffled_batches(source, cfg.sae.buffer_size, cfg.sae.batch_size, torch.Generator().manual_seed(seed))
         trained = train_sae(batches, cfg.sae, model.model.cfg.d_mlp, seed=seed, device=device, progress=progress,
-                            checkpoint_dir=directory / cache.SCRATCH)
+                            checkpoint_dir=directory / cache.SCRATCH, vocab_size=model.model.cfg.vocab_size)
         save_sae(trained, cfg.sae, directory)
         return {"run": name}
 
