@@ -71,7 +71,7 @@ def test_every_entry_point_needs_the_tokens_and_adds_their_bias():
             call()
     with pytest.raises(ConfigError, match="vocabulary size"):
         build_sae(SAEConfig(arch=ARCH), 12)
-    with pytest.raises(UnivError, match="cannot be steered"):
+    with pytest.raises(UnivError, match="cannot be set through an MLP hook"):
         feature_hook(sae, [0])
 
 

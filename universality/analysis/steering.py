@@ -132,8 +132,8 @@ def feature_hook(sae: SAE, features: Sequence[int], value: float | None = None) 
     f_i d_i), a number pins each of them to it (adds (value - f_i) d_i), at every position. An SAE that reads tokens
     cannot be hooked: a hook sees the neurons, not the tokens."""
     if sae.reads_tokens:
-        raise UnivError(f"a {sae.arch} SAE's features cannot be steered: its encoder needs each position's token, "
-                        "which an MLP hook does not see")
+        raise UnivError(f"a {sae.arch} SAE's features cannot be set through an MLP hook (--pin): its encoder needs each "
+                        "position's token, which the hook does not see (ablating them works)")
     index = torch.as_tensor(list(features), dtype=torch.long)
 
     def hook(acts_XM: Tensor) -> Tensor:
