@@ -89,7 +89,7 @@ def test_run_names_carry_the_size_of_other_sizes():
     ({"dict_sizes": (64, 2.5)}, "sae.dict_sizes must be positive integers"),
     ({"arch": "topk", "k": 32, "dict_sizes": (32, 256)}, "sae.k (32) must be in [1, the smallest of sae.dict_sizes (32))"),
     ({"arch": "topk", "k": 256, "dict_size": 256}, "sae.k must be in [1, sae.dict_size)"),
-    ({"arch": "gated"}, "sae.arch must be one of relu, topk, crosscoder-l1, crosscoder-batchtopk, not 'gated'"),
+    ({"arch": "gated"}, "sae.arch must be one of relu, topk, relu-tokenized, crosscoder-l1, crosscoder-batchtopk, not 'gated'"),
 ])
 def test_bad_sizes_are_one_line_config_errors(sae, message):
     with pytest.raises(ConfigError) as info:
