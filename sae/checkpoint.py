@@ -24,7 +24,6 @@ from universality.core.errors import ConfigError, DataError
 
 CFG_FILE, WEIGHTS_FILE, METRICS_FILE, COMPLETE_MARKER = "cfg.json", "sae_weights.safetensors", "metrics.json", "COMPLETE"
 SNAPSHOT_FILE = "snapshot.safetensors"  # the SAE part-way through training (TrainedSAE.snapshot), for the convergence diagnostic
-PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 SAELENS_ARCHITECTURES = {"relu": "standard", "topk": "topk"}  # univ's arch -> SAELens's name for the same SAE
 
 
@@ -65,10 +64,9 @@ def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Pa
 
 
 def _save_parameters(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """SAELens's four tensors, and a tokenized SAE's ``b_tok``."""
-    names = PARAM_NAMES + (("b_tok",) if "b_tok" in tensors else ())
+    """An SAE's parameters by name: SAELens's four, and a tokenized SAE's ``b_tok``."""
     with atomic_path(path) as tmp:
-        save_file({name: tensors[name].detach().to("cpu", torch.float32).contiguous() for name in names}, str(tmp))
+        save_file({name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}, str(tmp))
 
 
 def is_complete(out_dir: str | Path) -> bool:

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from sae.base import SAE, SAELoss, SAEOutput, batch_stats
+from sae.base import SAE, SAELoss, batch_stats
 from sae.crosscoder_latents import LatentScalingSums, class_counts, latent_table
 from sae.topk import TopKSAE
 from universality.core.config import SAEConfig
@@ -90,14 +90,6 @@ class Crosscoder(SAE):
     def decode(self, f_BF: Tensor) -> Tensor:
         """x̂^m = (f W_dec^m + b_dec^m) / s_m, [B, M, D] in raw units."""
         return super().decode(f_BF).view(-1, self.n_models, self.d_model) / self.input_scale_M[:, None]
-
-    def forward(self, x_BMD: Tensor, tokens_B: Tensor | None = None) -> SAEOutput:
-        return self._forward(x_BMD)
-
-    def _forward(self, x_BMD: Tensor) -> SAEOutput:
-        pre_BF = self.pre_acts(x_BMD)
-        f_BF = self.activation(pre_BF)
-        return SAEOutput(self.decode(f_BF), f_BF, pre_BF)
 
     def weighted(self, f_BF: Tensor) -> Tensor:
         """f_i Σ_m ||d_i^m||: each activation in reconstruction units (what L1 penalises and BatchTopK ranks)."""

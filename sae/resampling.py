@@ -8,6 +8,8 @@ alive encoder vectors, the encoder bias 0; Adam's moments for every touched entr
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -27,7 +29,7 @@ def resample_dead(
     n_dead = len(dead_idx)
     if n_dead == 0:
         return 0
-    token_chunks = tokens_N.split(chunk) if tokens_N is not None else [None] * -(-len(inputs_ND) // chunk)
+    token_chunks = tokens_N.split(chunk) if tokens_N is not None else itertools.repeat(None)
     loss_N = torch.cat([sae.per_input_loss(x, t) for x, t in zip(inputs_ND.split(chunk), token_chunks)])
     weights_N = loss_N.double().pow(2)
     if not weights_N.sum() > 0:  # perfect reconstruction everywhere: sample uniformly

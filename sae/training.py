@@ -128,7 +128,7 @@ def train_sae(
     steps = cfg.samples // cfg.batch_size
     generator = torch.Generator().manual_seed(seed)
     first = list(itertools.islice(batches, max(1, min(steps, math.ceil(INIT_SAMPLES / cfg.batch_size)))))
-    x_first = [_split(batch)[0] for batch in first]
+    x_first, tokens_first = zip(*map(_split, first)) if first else ((), ())
     if not first or x_first[0].ndim not in (2, 3) or x_first[0].shape[-1] != d_in:
         raise DataError(f"expected activation batches with {d_in} columns")
     sample_ND = torch.cat(x_first)[:INIT_SAMPLES].float()
@@ -136,12 +136,12 @@ def train_sae(
 
     sae = build_sae(cfg, d_in, generator, n_models=x_first[0].shape[1] if x_first[0].ndim == 3 else 1,
                     model_dims=model_dims, vocab_size=vocab_size)
-    if sae.reads_tokens != (_split(first[0])[1] is not None):
+    if sae.reads_tokens != (tokens_first[0] is not None):
         raise DataError(f"an SAE of arch {cfg.arch!r} {'needs' if sae.reads_tokens else 'reads no'} token ids with its activations")
     with torch.no_grad():
         sae.b_dec.copy_(initial_b_dec(sample_ND * scale))
     if sae.reads_tokens:  # the per-token decoder bias starts at each token's mean (sae.tokenized)
-        sae.init_token_bias(sample_ND * scale, torch.cat([_split(batch)[1] for batch in first])[:INIT_SAMPLES])
+        sae.init_token_bias(sample_ND * scale, torch.cat(tokens_first)[:INIT_SAMPLES])
     sae.to(device)
     device_scale = scale.to(device) if isinstance(scale, Tensor) else scale
     precision = resolve_precision(cfg.precision, device)

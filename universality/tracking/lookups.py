@@ -77,7 +77,6 @@ def crosscoder_card(client: MlflowClient, parent, latent: int, results_dir: Path
 
     from universality.analysis.heldout import eval_contexts
     from universality.stages.crosscoder import TOP_POSITIONS, TOP_VALUES
-    from universality.text.tokenization import load_tokenizer
 
     parent_id = parent.info.run_id
     latents = load_crosscoder(client, parent_id)
@@ -89,17 +88,14 @@ def crosscoder_card(client: MlflowClient, parent, latent: int, results_dir: Path
     if latent >= len(latents):
         raise UnivError(f"latent {latent} is out of range: the crosscoder has {len(latents)} latents (0..{len(latents) - 1})")
     tags, params = children[0].data.tags, parent.data.params
-    evaluation, data_dir = (stage_folder(tags["univ.crosscoder_eval_dir"], results_dir),
-                            stage_folder(parent.data.tags["univ.data_dir"], results_dir))
-    for folder in (evaluation, data_dir):
-        if not folder.is_dir():
-            raise UnivError(f"stage folder {folder} of run {parent_id} is not on this machine")
+    data_dir, evaluation = local_folders(parent, [parent.data.tags["univ.data_dir"], tags["univ.crosscoder_eval_dir"]],
+                                         results_dir)
     ctx_len = int(params["data.ctx_len"])
     tokens = eval_contexts(np.load(data_dir / "heldout.npy", mmap_mode="r"), ctx_len, int(params["compare.tokens"]))
     return crosscoder_report.latent_card(latents, tags["univ.crosscoder_models"].split(","), latent,
                                          np.load(evaluation / TOP_VALUES), np.load(evaluation / TOP_POSITIONS),
-                                         tokens.flatten().numpy(), vocab_strings(load_tokenizer(data_dir / "tokenizer.json")),
-                                         int(params["compare.context_tokens"]), ctx_len)
+                                         tokens.flatten().numpy(), run_vocab(data_dir), int(params["compare.context_tokens"]),
+                                         ctx_len)
 
 
 def load_crosscoder(client: MlflowClient, run_id: str) -> pd.DataFrame | None:
@@ -123,6 +119,22 @@ def downloaded(client: MlflowClient, run_id: str, artifacts: Mapping[str, str], 
         yield paths
 
 
+def local_folders(parent, recorded: Sequence[str], results_dir: Path) -> list[Path]:
+    """The stage folders a univ run recorded (``stage_folder``); a one-line error when one is not on this machine."""
+    folders = [stage_folder(path, results_dir) for path in recorded]
+    missing = [f for f in folders if not f.is_dir()]
+    if missing:
+        raise UnivError(f"stage folder {missing[0]} of run {parent.info.run_id} is not on this machine")
+    return folders
+
+
+def run_vocab(data_dir: Path) -> list[str]:
+    """Each token id of a run's tokenizer (in its data stage folder) decoded on its own."""
+    from universality.text.tokenization import load_tokenizer
+
+    return vocab_strings(load_tokenizer(data_dir / "tokenizer.json"))
+
+
 def stage_folder(recorded: str, results_dir: Path) -> Path:
     """A stage folder recorded on a run: absolute as univ records them, or, from an older run, a relative
     ``<results>/cache/<stage>/<key>`` (relative to where that run was started), found under ``results_dir``."""
@@ -133,12 +145,10 @@ def stage_folder(recorded: str, results_dir: Path) -> Path:
 def seed_sources(client: MlflowClient, parent, seed: int, results_dir: Path, size: int | None = None) -> RunSources:
     """A seed's card sources, from the stage folders its child run recorded (they must be on this machine);
     ``size``: of its SAE of that dictionary size (a family run), default the primary one."""
-    from universality.text.tokenization import load_tokenizer
-
     folders = seed_folders(client, parent, seed, results_dir, size)
     params = parent.data.params
     return load_run_sources(seed, *folders, int(params["data.ctx_len"]), int(params["compare.tokens"]),
-                            int(params["compare.context_tokens"]), vocab_strings(load_tokenizer(folders[0] / "tokenizer.json")))
+                            int(params["compare.context_tokens"]), run_vocab(folders[0]))
 
 
 def run_seeds(parent) -> list[int]:
@@ -165,9 +175,5 @@ def seed_folders(client: MlflowClient, parent, seed: int, results_dir: Path, siz
     if not children:
         raise UnivError(f"run {parent_id} has no seed {seed} (its seeds: {parent.data.params.get('seeds')})")
     tags = children[0].data.tags
-    data_dir = stage_folder(parent.data.tags["univ.data_dir"], results_dir)
-    folders = [data_dir, *(stage_folder(tags[f"univ.{k}_dir"], results_dir) for k in ("model", "sae", "activations"))]
-    missing = [f for f in folders if not f.is_dir()]
-    if missing:
-        raise UnivError(f"stage folder {missing[0]} of run {parent_id} is not on this machine")
-    return folders
+    return local_folders(parent, [parent.data.tags["univ.data_dir"],
+                                  *(tags[f"univ.{k}_dir"] for k in ("model", "sae", "activations"))], results_dir)
