@@ -3,6 +3,8 @@ fail-fast on an unreachable server, FAILED / KILLED statuses."""
 
 from __future__ import annotations
 
+import ast
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from universality.tracking import lookups, names, store
+from universality.tracking import lookups, names, reruns, store
 from universality.tracking.tracker import Tracker, tracked_run
 from universality.cli import main
 from universality.core.config import DEFAULT_EXPERIMENT, load_preset
@@ -245,13 +247,31 @@ def test_metric_names_put_the_answer_first_and_every_statistic_in_a_section():
         {"statistic": "randomized.neurons.n", "decile0": 7.0, "decile3": pytest.approx(float("nan"), nan_ok=True)}]
 
 
+def loaded_by(args: list[str]) -> list[str]:
+    """Which of torch and MLflow ``univ ARGS`` imports, run in a fresh interpreter."""
+    probe = ("import atexit, sys; atexit.register(lambda: print('loaded:', sorted({'torch', 'mlflow'} & set(sys.modules))));"
+             "from universality.cli import main; main(sys.argv[1:])")
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return ast.literal_eval(done.stdout.rsplit("loaded:", 1)[1].strip())
+
+
 @pytest.mark.slow
-def test_a_cached_rerun_links_to_the_logged_run_and_logs_nothing_twice(tmp_path):
+def test_a_cached_rerun_answers_with_its_run_and_without_its_record_links_to_it(tmp_path):
     args = ["run", "--seeds", "2", "--preset", "tiny", "--sae-replicates", "0", "--results-dir", str(tmp_path / "r")]
     runner = CliRunner()
-    assert runner.invoke(main, args).exit_code == 0
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
     client = MlflowClient(store.embedded_uri(tmp_path / "r"))
     [original] = univ_runs(client)["experiment"]
+    summary = lambda output: output.split("MLflow run")[0]  # noqa: E731  (the terminal summary before the run line)
+    again = runner.invoke(main, args)  # the same command: its run is the answer, nothing is run or logged
+    assert again.exit_code == 0 and f"MLflow run {original.info.run_id}" in again.output, again.output
+    assert "finished before" in again.output and summary(first.output).endswith(summary(again.output))  # less its progress
+    assert [r.info.run_id for r in univ_runs(client)["experiment"]] == [original.info.run_id]
+    assert loaded_by(args) == []  # answered without torch or MLflow
+
+    shutil.rmtree(tmp_path / "r" / reruns.COMMANDS)  # no record (as after an edit of the code): the cache is read
     again = runner.invoke(main, args)
     assert again.exit_code == 0 and f"a re-run of {original.info.run_id}" in again.output, again.output
     rerun = univ_runs(client)["experiment"][0]
@@ -262,6 +282,13 @@ def test_a_cached_rerun_links_to_the_logged_run_and_logs_nothing_twice(tmp_path)
     assert statistics(rerun) == statistics(original) and statistics(rerun)
     assert lookups.find_run(client, "latest").info.run_id == original.info.run_id  # what export, features, steer read
     assert lookups.find_run(client, rerun.info.run_id).info.run_id == original.info.run_id
+    assert f"MLflow run {original.info.run_id}" in runner.invoke(main, args).output  # recorded again: the original
+
+    client.delete_run(original.info.run_id)  # deleted in the UI: no answer, and logged in full again
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0 and "finished before" not in again.output and "a re-run" not in again.output
+    assert names.TABLES["matched"] in artifacts(client, univ_runs(client)["experiment"][0].info.run_id)
+
     settings = tmp_path / "fewer_bootstraps.toml"
     settings.write_text("[compare]\nn_bootstrap = 50\n")  # a reporting setting: every stage cached, the summary not
     changed = runner.invoke(main, [*args, "--config", str(settings)])

@@ -131,8 +131,19 @@ def _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates, d
 @experiment_options
 def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, tracking_uri, experiment,
         jobs, backend, scheduler, sae_replicates, dict_sizes) -> None:
-    """Train one transformer per seed, fit an SAE on each (and replicate SAEs for the ceiling), and compare every pair."""
+    """Train one transformer per seed, fit an SAE on each (and replicate SAEs for the ceiling), and compare every pair.
+    The same command again, with nothing changed, answers with the run it made: nothing re-run, nothing logged."""
     cfg, chosen = _experiment(seeds, seed_list, preset, config_file, corpus, sae_replicates, dict_sizes)  # fails before torch loads
+    from universality.tracking import reruns
+
+    request = reruns.request_key(cfg, chosen, device, results_dir, tracking_uri, experiment)
+    answer = reruns.recorded(results_dir, request)
+    if answer is not None:
+        click.echo(answer.description)
+        click.echo(f"MLflow run {answer.run_id} in {answer.tracking_uri}: this command's run, finished before "
+                   "(nothing re-run, nothing logged)")
+        click.echo(run_link(answer.tracking_uri, answer.experiment_id, answer.run_id))
+        return
     from universality import pipeline
     from universality.outputs.terminal import describe
     from universality.publish import publish
@@ -145,10 +156,14 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, trac
     with tracked_run(results_dir, tracking_uri, experiment, cfg, chosen) as tracker:
         result = pipeline.run(cfg, chosen, results_dir=results_dir, device=device, engine=engine)
         original = publish(tracker, result)
-    click.echo(describe(result))
+    description = describe(result)
+    click.echo(description)
     rerun = "" if original is None else f", a re-run of {original} (its child runs, reports and tables: nothing logged twice)"
     click.echo(f"MLflow run {tracker.run_id} in {tracker.client.tracking_uri}{rerun} (tracking took {tracker.seconds:.1f} s)")
     click.echo(run_link(tracker.client.tracking_uri, tracker.experiment_id, tracker.run_id))
+    reruns.record(results_dir, request, reruns.Answer(original or tracker.run_id, tracker.experiment_id,
+                                                      tracker.client.tracking_uri, description,
+                                                      reruns.stage_folder_names(result.stage_folders)))
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:

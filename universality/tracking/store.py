@@ -1,6 +1,7 @@
 """The MLflow tracking store of a univ results folder: embedded by default (SQLite at ``<results>/mlflow.db``,
 artifacts in ``<results>/mlartifacts``), or a server given by ``--tracking-uri`` / ``MLFLOW_TRACKING_URI``;
-checked to work before any training, so an unreachable server or an unwritable store fails fast, in one line."""
+checked to work before any training, so an unreachable server or an unwritable store fails fast, in one line.
+MLflow itself is imported only to open a client: the addresses here cost a re-run nothing."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
-
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+from typing import TYPE_CHECKING
 
 from universality.core.config import UI_HOST, UI_PORT
 from universality.core.errors import UnivError, first_line
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 HEALTH_TIMEOUT_S = 5
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (creating the SQLite tables) are not univ's output
@@ -66,9 +67,27 @@ def check_sqlite(path: Path, write: bool) -> None:
         raise UnivError(f"cannot {'write' if write else 'read'} the MLflow store {path} ({exc})") from None
 
 
+def is_finished_run(uri: str, run_id: str) -> bool:
+    """Whether the SQLite store at ``uri`` holds run ``run_id``, finished and not deleted, asked of SQLite alone (a
+    re-run's answer loads no MLflow); False for any other store, which only MLflow can ask, or a missing one."""
+    if not uri.startswith("sqlite:///"):
+        return False
+    path = Path(uri[len("sqlite:///"):]).resolve()
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT status, lifecycle_stage FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+    except sqlite3.Error:
+        return False
+    return row == ("FINISHED", "active")
+
+
 def open_client(results_dir: Path, tracking_uri: str | None, read_only: bool = False) -> MlflowClient:
     """A client of the tracking store (see ``resolve_uri``), checked to work; ``read_only``: for commands
     that only read results, which must then exist."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
     uri = resolve_uri(results_dir, tracking_uri)
     check_store(uri, results_dir, read_only)
     try:

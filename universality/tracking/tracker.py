@@ -5,7 +5,8 @@ control), per pair and per crosscoder.
 fails fast), the pipeline runs, ``outputs.run_files`` writes the reports and tables, then
 ``Tracker.log_result`` logs the statistics and those files in batches (one ``log_batch`` per 1000 metrics,
 never one call per step). An exception marks the open runs FAILED, Ctrl-C marks them KILLED; every
-``univ run`` makes a new parent run. Logging writes no file of its own (it never imports ``outputs``).
+``univ run`` that runs the pipeline makes a new parent run (one answered by its record, ``tracking.reruns``,
+makes none). Logging writes no file of its own (it never imports ``outputs``).
 """
 
 from __future__ import annotations
