@@ -97,7 +97,7 @@ def test_recorded_features_give_what_running_the_sae_gives():
 
 
 def test_a_tiny_runs_evaluation_equals_the_five_pass_evaluation(tmp_path):
-    cfg = fast_cfg().replace(sae={"replicates": 0})
+    cfg = fast_cfg().replace(sae={"replicates": 0, "precision": "fp32"})  # the stage's matmuls as the reference's
     result = run_fast(tmp_path / "results", [0], cfg)
     model, run_sae = result.models["seed0"].model, result.saes["seed0"]
     skip = cfg.compare.skip_first_positions
@@ -114,3 +114,18 @@ def test_a_tiny_runs_evaluation_equals_the_five_pass_evaluation(tmp_path):
     np.testing.assert_allclose(got["densities"], want["densities"], rtol=0, atol=1e-12)
     for key in sorted(want.keys() - {"tokens", "densities", "log10_density_hist", "ultralow_count"}):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
+def test_the_unembedding_in_bf16_moves_loss_recovered_by_little(tmp_path):
+    """The stage's bf16 unembedding (``sae.precision`` bf16) against float32, on a tiny run's model and SAE."""
+    cfg = fast_cfg().replace(sae={"replicates": 0})
+    result = run_fast(tmp_path / "results", [0], cfg)
+    model, sae = result.models["seed0"].model, result.saes["seed0"].sae
+    contexts = heldout.eval_contexts(result.dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens).split(32)
+    skip = cfg.compare.skip_first_positions
+    want = loss_recovered(model, sae, contexts, "cpu", skip)
+    got = loss_recovered(model, sae, contexts, "cpu", skip, matmul_dtype=torch.bfloat16)
+    assert got != want  # the bf16 path ran
+    for key in CE_KEYS:
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    assert got["loss_recovered"] == pytest.approx(want["loss_recovered"], abs=1e-3)
