@@ -38,7 +38,7 @@ def results(base_results, tmp_path) -> Path:
 
 
 STAGE_OF = {"train_tokenizer": data_stage, "train_transformer": model_stage, "train_sae": sae_stage,
-            "evaluate_sae": evaluation_stage, "compare_runs": pair_stage}  # the work each stage module calls
+            "loss_recovered": evaluation_stage, "compare_runs": pair_stage}  # the work each stage module calls
 
 
 def forbid(monkeypatch, *names: str) -> None:
@@ -188,7 +188,7 @@ def test_adding_sae_replicates_trains_only_the_new_saes(results, monkeypatch):
 @pytest.mark.parametrize("compare", [{"tokens": 2048}, {"skip_first_positions": 0}, {"skip_first_positions": 3}])
 def test_comparison_settings_re_evaluate_but_never_retrain(results, monkeypatch, compare):
     forbid(monkeypatch, "train_transformer", "train_sae")
-    evaluated = record_calls(monkeypatch, "evaluate_sae")
+    evaluated = record_calls(monkeypatch, "loss_recovered")
     result = run_fast(results, [0, 1], fast_cfg().replace(compare=compare))
     assert len(evaluated) == 3 and result.summary["ceiling.features.max_corr_median_n"] == 1
     tokens = compare.get("tokens", 4096)

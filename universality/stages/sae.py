@@ -43,7 +43,7 @@ class RunSAE:
     history: list[dict]
     resampling_events: list[dict]
     replicate: int = 0  # 0: the run's SAE; r > 0: an extra SAE of the same model with another SAE seed
-    metrics: dict = dataclasses.field(default_factory=dict)  # the evaluation stage's: evaluate_sae, loss recovered, convergence
+    metrics: dict = dataclasses.field(default_factory=dict)  # the evaluation stage's: reconstruction, loss recovered, convergence
     evaluation: Path | None = None  # the evaluation stage's folder
     own_neurons: OwnNeurons | None = None  # the own_neurons stage's: its features vs its model's neurons
     token_shares: TokenShares | None = None  # the token_share stage's: its features' and neurons' token and position shares
