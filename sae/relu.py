@@ -10,9 +10,6 @@ from sae.base import SAE, SAELoss, batch_stats
 from sae.sparse import Active, active_pre_acts, decode_active
 
 
-_SIGNED_OF = {torch.bfloat16: torch.int16, torch.float32: torch.int32}  # same-width integer views
-
-
 class ReLUSAE(SAE):
     arch = "relu"
 
@@ -37,13 +34,8 @@ class ReLUSAE(SAE):
     def _sparse_active(self, pre_BF: Tensor) -> Active | None:
         """The features with pre-activation > 0 when the sparse step is to be taken on them, else None."""
         if self.sparse_max_density <= 0:
-            return None  # always dense: not even the mask is built
-        # bf16 or float32 bits read as a signed integer are > 0 exactly where the number is > 0 (the sign bit
-        # is the integer's): the integer comparison is about twice as fast as bf16's on CPU.
-        bits_BF = pre_BF.detach()
-        active_BF = (bits_BF.view(_SIGNED_OF[bits_BF.dtype]) if bits_BF.dtype in _SIGNED_OF else bits_BF) > 0
-        density = int(torch.count_nonzero(active_BF)) / active_BF.numel()
-        return Active.where(active_BF) if self.takes_sparse_step(density) else None
+            return None  # always dense: not even the features are looked at
+        return Active.positive(torch.relu(pre_BF.detach()), self.sparse_max_density)
 
     def _sparse_loss(self, x_BD: Tensor, pre_BF: Tensor, active: Active) -> SAELoss:
         """The loss over the active features only: on them the ReLU is the identity and |f| = f, so the

@@ -27,6 +27,7 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,6 +39,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 # --densities (bf16, batch 1,024, a busy 2-core machine): 1.2-3x faster than the dense step at 2%, as fast
 # at about 5% (its costs grow with the active pairs, the dense step's do not), slower at 50% (the first steps).
 CPU_SPARSE_MAX_DENSITY = 0.05
+_SIGNED_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer views of floats
 
 
 def sparse_max_density(device: str | torch.device) -> float:
@@ -60,15 +62,38 @@ class Active(NamedTuple):
     @classmethod
     def from_pairs(cls, rows_N: Tensor, latents_N: Tensor, shape: tuple[int, int]) -> "Active":
         B, n_latents = shape
-        by_latent_N = torch.argsort(latents_N, stable=True)
+        by_latent_N = _stable_order(latents_N, n_latents)
         return cls(rows_N, latents_N, _starts(rows_N, B), by_latent_N, rows_N[by_latent_N],
                    _starts(latents_N, n_latents), shape)
 
     @classmethod
     def where(cls, mask_BF: Tensor) -> "Active":
-        """The True entries of a boolean [B, F] mask (ReLU: pre-activation > 0)."""
+        """The True entries of a boolean [B, F] mask."""
         rows_N, latents_N = mask_BF.nonzero(as_tuple=True)
         return cls.from_pairs(rows_N, latents_N, tuple(mask_BF.shape))
+
+    @classmethod
+    def positive(cls, f_BF: Tensor, max_density: float) -> "Active | None":
+        """The entries > 0 of a [B, F] tensor of features f >= 0 (after a ReLU), or None when more than
+        ``max_density`` of them are (then the dense step is taken).
+
+        Found 64 bits at a time: a word of 4 bf16 (2 float32) features is nonzero where any of them is, and
+        only the nonzero words are then read feature by feature, their bits as signed integers (> 0 exactly
+        where the number is > 0: a ReLU's -0.0 is not). At quick's density this takes about a third of the
+        time of a [B, F] comparison and nonzero. Too many nonzero words already mean too many active features
+        (a -0.0 also makes its word nonzero: at worst a rare dense step, never a wrong one)."""
+        B, n_latents = f_BF.shape
+        bits_BF = f_BF.contiguous().view(_SIGNED_OF_SIZE[f_BF.element_size()])
+        lanes = 8 // f_BF.element_size() if n_latents % (8 // f_BF.element_size()) == 0 else 1
+        words = bits_BF.view(-1).view(torch.int64) if lanes > 1 else bits_BF.view(-1)
+        limit = max_density * B * n_latents
+        if torch.count_nonzero(words) > limit:  # at least one active feature per nonzero word
+            return None
+        words_W = words.nonzero().squeeze(1)
+        word_N, lane_N = (bits_BF.view(-1, lanes).index_select(0, words_W) > 0).nonzero(as_tuple=True)
+        flat_N = words_W[word_N] * lanes + lane_N  # the active entries' row-major indices, ascending
+        rows_N, latents_N = flat_N // n_latents, flat_N % n_latents
+        return cls.from_pairs(rows_N, latents_N, (B, n_latents)) if len(rows_N) <= limit else None
 
     @classmethod
     def at(cls, idx_BK: Tensor, n_latents: int) -> "Active":
@@ -90,6 +115,14 @@ class Active(NamedTuple):
     def gather(self, t_BF: Tensor) -> Tensor:
         """The entries of a dense [B, F] tensor at the active pairs [N]."""
         return t_BF.reshape(-1).take(self.rows_N * self.shape[1] + self.latents_N)
+
+
+def _stable_order(latents_N: Tensor, n_latents: int) -> Tensor:
+    """``torch.argsort(latents_N, stable=True)``: on CPU, while latent ids fit 16 bits, numpy's radix sort of them
+    as uint16 (about 10x torch's stable sort at quick's 18K active pairs); elsewhere torch's."""
+    if latents_N.device.type != "cpu" or n_latents > 1 << 16:
+        return torch.argsort(latents_N, stable=True)
+    return torch.from_numpy(np.argsort(latents_N.numpy().astype(np.uint16), kind="stable"))
 
 
 def _starts(sorted_N: Tensor, n: int) -> Tensor:

@@ -7,7 +7,8 @@ import torch
 
 from sae.base import SAE
 from sae.registry import build_sae
-from sae.sparse import Active, _ActiveDecode, _ActivePreActs, sparse_max_density
+from sae.relu import ReLUSAE
+from sae.sparse import Active, _ActiveDecode, _ActivePreActs, _stable_order, sparse_max_density
 from sae.training import train_sae
 from universality.core.config import SAEConfig
 
@@ -113,6 +114,31 @@ def test_active_pairs_match_the_dense_mask_and_topk():
     assert topk.rows_N.tolist() == [0, 0, 1, 1] and topk.latents_N.tolist() == [0, 3, 1, 2]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n_latents", [64, 66, 67])  # whole words of lanes, and not
+def test_positive_features_are_found_word_by_word_as_the_dense_mask_finds_them(dtype, n_latents):
+    g = torch.Generator().manual_seed(2)
+    f = torch.relu(torch.randn(33, n_latents, generator=g) - 1.5).to(dtype)
+    f[3, :8] = -0.0  # a ReLU of -0.0 is -0.0: a nonzero word, no active feature
+    f[5] = 0.0  # a row with no active feature
+    f[:, 1] = torch.rand(33, generator=g).to(dtype) + 1  # a latent active on every row
+    want = Active.where(f > 0)
+    got = Active.positive(f, max_density=1.0)
+    for field in ("rows_N", "latents_N", "row_starts_B", "by_latent_N", "rows_by_latent_N", "latent_starts_F"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    f[3, :8] = f[3, :8].abs()  # -0.0 -> 0.0 (a -0.0 word counts as active for the first, coarse check only: see Active.positive)
+    n_active = len(want)
+    assert Active.positive(f, (n_active + 0.5) / f.numel()) is not None
+    assert Active.positive(f, (n_active - 0.5) / f.numel()) is None  # one too many: the dense step
+
+
+def test_the_latent_order_is_a_stable_argsort_for_any_dictionary_size():
+    g = torch.Generator().manual_seed(3)
+    for n_latents in (7, 1 << 16, (1 << 16) + 1):  # numpy's radix sort up to 16-bit ids, torch's beyond
+        latents = torch.randint(0, n_latents, (5000,), generator=g)
+        assert torch.equal(_stable_order(latents, n_latents), torch.argsort(latents, stable=True))
+
+
 @pytest.mark.parametrize("arch", ["relu", "topk"])
 def test_sparse_bf16_step_follows_the_dense_bf16_step(arch):
     """bf16 matmuls (the trainer's "auto" on AVX512-BF16 CPUs): the sparse step's loss and gradients
@@ -140,8 +166,8 @@ def test_trainer_allows_sparse_steps_on_cpu_and_returns_a_plain_sae(monkeypatch)
     one, computes densely."""
     assert sparse_max_density("cpu") > 0 and sparse_max_density(torch.device("cuda", 0)) == 0
     allowed = []
-    real = SAE.takes_sparse_step
-    monkeypatch.setattr(SAE, "takes_sparse_step", lambda self, density: allowed.append(self.sparse_max_density) or real(self, density))
+    real = ReLUSAE.loss
+    monkeypatch.setattr(ReLUSAE, "loss", lambda self, *args: allowed.append(self.sparse_max_density) or real(self, *args))
     x = torch.randn(2048, 16).relu()
     cfg = SAEConfig(dict_size=64, batch_size=256, samples=256 * 8, resample_fractions=(), l1_coeff=0.03)
     trained = train_sae(iter(x.split(256)), cfg, 16, seed=0, progress=False)
