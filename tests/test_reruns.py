@@ -3,8 +3,6 @@ recorded answer holds only while its stage folders are complete and its MLflow r
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 from mlflow import MlflowClient
 
@@ -56,7 +54,6 @@ def test_the_code_digest_covers_every_file_of_the_packages(tmp_path, monkeypatch
     assert reruns.code_digest() == first
     (package / "assets" / "page.html").write_text("<p>!")
     assert reruns.code_digest() != first
-    sys.modules.pop("fakepkg", None)
 
 
 def test_the_gpus_the_driver_lists_are_part_of_the_request(tmp_path, monkeypatch, corpus):
