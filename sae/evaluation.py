@@ -55,7 +55,7 @@ class Reconstruction:
     (squared error and per-dimension moments in float64)."""
 
     def __init__(self, sae: SAE):
-        self.d_in, self.d_sae = sae.d_in, sae.d_sae
+        self.d_in = sae.d_in
         self.n, self.sq_err, self.l0, self.l1 = 0, 0.0, 0.0, 0.0
         self.fired_F = torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_dec.device)
         self.sum_D = self.sum_sq_D = 0.0
@@ -123,8 +123,9 @@ def loss_recovered(
     One pass per batch, not three: the model has one layer and its MLP's output is linear in the neurons
     (n W_outᵀ + b_out), so the zero-ablated residual stream (the MLP's output at zero neurons: b_out) and the
     clean neurons give all three residuals, ablated + n W_outᵀ for n = the neurons, their reconstruction, 0,
-    and only the unembedding runs three times (``next_token_loss``: the scored positions, in cache-sized chunks). ``recorded``: per batch, the SAE's features at positions
-    ``first_position``.. of each context (row-major), when stored already (then the SAE is not run again);
+    and only the unembedding runs three times (``next_token_loss``: the scored positions, in cache-sized chunks).
+    ``recorded``: per batch, the SAE's features at positions ``first_position``.. of each context (row-major),
+    when stored already (then the SAE is not run again);
     ``matmul_dtype``: the unembedding's matmul dtype (``next_token_loss``; in bf16, loss recovered moves by
     about 1e-5 on quick's SAEs); ``reconstruction``: also add each batch's scored neurons and their reconstruction
     to it (``evaluate_sae``'s metrics in the same pass, without reading the neurons back)."""

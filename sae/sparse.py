@@ -82,9 +82,9 @@ class Active(NamedTuple):
         where the number is > 0: a ReLU's -0.0 is not). At quick's density this takes about a third of the
         time of a [B, F] comparison and nonzero. Too many nonzero words already mean too many active features
         (a -0.0 also makes its word nonzero: at worst a rare dense step, never a wrong one)."""
-        B, n_latents = f_BF.shape
-        bits_BF = f_BF.contiguous().view(_SIGNED_OF_SIZE[f_BF.element_size()])
-        lanes = 8 // f_BF.element_size() if n_latents % (8 // f_BF.element_size()) == 0 else 1
+        (B, n_latents), size = f_BF.shape, f_BF.element_size()
+        bits_BF = f_BF.contiguous().view(_SIGNED_OF_SIZE[size])
+        lanes = 8 // size if n_latents % (8 // size) == 0 else 1
         words = bits_BF.view(-1).view(torch.int64) if lanes > 1 else bits_BF.view(-1)
         limit = max_density * B * n_latents
         if torch.count_nonzero(words) > limit:  # at least one active feature per nonzero word

@@ -74,6 +74,11 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     return "fp32"
 
 
+def matmul_dtype(precision: str) -> torch.dtype | None:
+    """The matmul dtype of a resolved precision (``resolve_precision``): bf16, or None for the parameters' own."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def lr_factor(step: int, steps: int, warmup_steps: int, decay_steps: int) -> float:
     """The learning-rate multiplier at 1-based ``step``: linear from 1/warmup to 1 over the first
     ``warmup_steps``, 1, then linear down to 1/decay at the last step over the final ``decay_steps``."""
@@ -145,7 +150,7 @@ def train_sae(
     sae.to(device)
     device_scale = scale.to(device) if isinstance(scale, Tensor) else scale
     precision = resolve_precision(cfg.precision, device)
-    sae.matmul_dtype = torch.bfloat16 if precision == "bf16" else None  # weights and Adam state stay float32
+    sae.matmul_dtype = matmul_dtype(precision)  # weights and Adam state stay float32
     sae.sparse_max_density = sparse_max_density(device)  # the sparse step where it measures faster (sae.sparse)
     optimizer = ConstrainedAdam(sae.parameters(), [sae.W_dec], lr=cfg.lr)
 

@@ -79,7 +79,7 @@ def test_a_recorded_answer_holds_while_its_folders_and_run_do(tmp_path):
     experiment = client.create_experiment("univ")
     run = client.create_run(experiment).info.run_id
     answer = reruns.Answer(run, experiment, store.embedded_uri(results), "the summary",
-                           reruns.stage_folder_names(folders))
+                           tuple(map(cache.folder_name, folders)))
     assert reruns.recorded(results, "req") is None  # nothing recorded
     reruns.record(results, "req", answer)
     assert reruns.recorded(results, "req") is None  # the run is still RUNNING

@@ -147,6 +147,7 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, trac
     from universality import pipeline
     from universality.outputs.terminal import describe
     from universality.publish import publish
+    from universality.runtime import cache
     from universality.runtime.engine import Engine, resolve_device
     from universality.runtime.memory import check_memory
     from universality.tracking.tracker import tracked_run
@@ -163,7 +164,7 @@ def run(seeds, seed_list, preset, config_file, corpus, results_dir, device, trac
     click.echo(run_link(tracker.client.tracking_uri, tracker.experiment_id, tracker.run_id))
     reruns.record(results_dir, request, reruns.Answer(original or tracker.run_id, tracker.experiment_id,
                                                       tracker.client.tracking_uri, description,
-                                                      reruns.stage_folder_names(result.stage_folders)))
+                                                      tuple(map(cache.folder_name, result.stage_folders))))
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:

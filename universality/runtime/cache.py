@@ -52,6 +52,11 @@ def stage_dir(results_dir: Path, stage: str, key: str) -> Path:
     return Path(results_dir) / "cache" / stage / key
 
 
+def folder_name(directory: Path) -> str:
+    """A stage folder (``stage_dir``'s result) as "<stage>/<key>": what identifies it under any results folder."""
+    return f"{Path(directory).parent.name}/{Path(directory).name}"
+
+
 def results_dir_of(directory: Path) -> Path:
     """The results folder a stage folder (``stage_dir``'s result) belongs to."""
     return Path(directory).parent.parent.parent

@@ -15,11 +15,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sae.checkpoint import jsonable, load_snapshot
 from sae.evaluation import Reconstruction, convergence, loss_recovered
-from sae.training import resolve_precision
+from sae.training import matmul_dtype, resolve_precision
 from universality.analysis import heldout
 from universality.analysis.heldout import HeldoutActivations
 from universality.core.config import ExperimentConfig
@@ -46,17 +45,17 @@ def build(dataset: Dataset, model: RunModel, sae: RunSAE, acts: HeldoutActivatio
         contexts = heldout.eval_contexts(dataset.heldout, cfg.data.ctx_len, cfg.compare.tokens)
         skip = cfg.compare.skip_first_positions
         rows = BATCH_CONTEXTS * (cfg.data.ctx_len - skip)  # the stored rows of a batch of contexts
-        tokens = lambda: contexts[:, skip:].reshape(-1).split(rows)  # noqa: E731  each stored row's current token
-        matmul_dtype = torch.bfloat16 if resolve_precision(cfg.sae.precision, device) == "bf16" else None
+        row_tokens = contexts[:, skip:].reshape(-1).split(rows)  # each stored row's current token
+        dtype = matmul_dtype(resolve_precision(cfg.sae.precision, device))
         reconstruction = Reconstruction(sae.sae)  # filled by loss recovered's pass, from the neurons it computes
         losses = loss_recovered(model.model, sae.sae, contexts.split(BATCH_CONTEXTS), device, skip,
-                                acts.feature_chunks(rows), matmul_dtype, reconstruction)
+                                acts.feature_chunks(rows), dtype, reconstruction)
         metrics = reconstruction.metrics() | losses
         snapshot = load_snapshot(sae.directory, device)
         if snapshot is not None:
-            snapshot.matmul_dtype = matmul_dtype  # its encoder only: the final SAE's features are the recorded ones
+            snapshot.matmul_dtype = dtype  # its encoder only: the final SAE's features are the recorded ones
             metrics.update(convergence(sae.sae, snapshot, acts.neuron_chunks(rows), cfg.compare,
-                                       acts.feature_chunks(rows), tokens()))
+                                       acts.feature_chunks(rows), row_tokens))
         write_text(directory / "metrics.json", json.dumps(metrics, default=jsonable))
         return {"run": sae.name}
 

@@ -44,7 +44,7 @@ class Answer:
     experiment_id: str
     tracking_uri: str
     description: str  # the summary printed in the terminal
-    stage_folders: tuple[str, ...]  # "<stage>/<key>" of every stage folder the run read
+    stage_folders: tuple[str, ...]  # every stage folder the run read, as "<stage>/<key>" (cache.folder_name)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage_folders", tuple(self.stage_folders))  # a list, as JSON reads it back
@@ -67,7 +67,7 @@ def recorded(results_dir: Path, key: str) -> Answer | None:
         answer = Answer(**json.loads((Path(results_dir) / COMMANDS / f"{key}.json").read_text()))
     except (OSError, ValueError, TypeError):  # none recorded, or a record this code cannot read
         return None
-    folders = [Path(results_dir) / "cache" / folder for folder in answer.stage_folders]
+    folders = [cache.stage_dir(results_dir, *name.split("/")) for name in answer.stage_folders]
     if not all(cache.is_complete(folder) for folder in folders):
         return None
     return answer if store.is_finished_run(answer.tracking_uri, answer.run_id) else None
@@ -78,11 +78,6 @@ def record(results_dir: Path, key: str, answer: Answer) -> None:
     folder = Path(results_dir) / COMMANDS
     folder.mkdir(parents=True, exist_ok=True)
     write_text(folder / f"{key}.json", json.dumps(dataclasses.asdict(answer), indent=1))
-
-
-def stage_folder_names(folders: Sequence[Path]) -> tuple[str, ...]:
-    """``Answer.stage_folders`` of a run's stage folders (``<results>/cache/<stage>/<key>``)."""
-    return tuple(f"{folder.parent.name}/{folder.name}" for folder in folders)
 
 
 def code_digest() -> str:

@@ -30,6 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from universality.analysis.crosscoder import crosscoder_statistics
 from universality.core.config import ExperimentConfig
 from universality.core.run_names import is_control, pair_name, size_of
+from universality.runtime import cache
 from universality.tracking.names import DECILES, FINGERPRINT, KIND, SAME_AS, curves, decile_table, metrics_from
 from universality.tracking.store import experiment_id, open_client
 
@@ -55,7 +56,7 @@ def fingerprint(result, results_dir: Path) -> str:
     """What a finished run logs depends on: every stage folder it read (their keys), its runs' names, the whole
     config (reporting settings too), the results folder and the code's versions. Two runs with the same
     fingerprint log the same statistics, reports and tables."""
-    payload = {"stages": [f"{f.parent.name}/{f.name}" for f in result.stage_folders], "runs": list(result.models),
+    payload = {"stages": [cache.folder_name(f) for f in result.stage_folders], "runs": list(result.models),
                "config": result.cfg.flat(), "results_dir": str(Path(results_dir).resolve()),
                "versions": package_versions(), "revision": git_revision()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
