@@ -1,7 +1,12 @@
 """The SAE every architecture shares: parameters, encode/decode, and the loss template.
 
-Shapes: B batch, D input dims (d_in), F features (d_sae). Parameters are laid out as SAELens's:
-``W_enc`` [D, F], ``b_enc`` [F], ``W_dec`` [F, D] (one unit-norm decoder vector per row), ``b_dec`` [D].
+Shapes: B batch, D input dims (d_in), F features (d_sae). The weights are SAELens's, in its state-dict
+layout: ``W_enc`` [D, F], ``b_enc`` [F], ``W_dec`` [F, D] (one unit-norm decoder vector per row), ``b_dec`` [D].
+In memory the encoder is held feature-major, as dictionary_learning holds it: the parameter is ``W_enc_FD``
+[F, D] and ``W_enc`` its transposed view. Each feature's encoder vector is then one contiguous row, as its
+decoder vector is, because the sparse step builds the encoder's gradient a feature at a time (``sae.sparse``):
+a [D, F] parameter would need that gradient transposed (a copy of the whole matrix per step), and the fused
+Adam copies a non-contiguous parameter back and forth. ``state_dict`` and ``load_state_dict`` speak ``W_enc``.
 The paper's math: x̄ = x − b_dec; f = ReLU(x̄ W_enc + b_enc); x̂ = f W_dec + b_dec.
 
 Precision: the parameters (and Adam's state) are always float32. With ``matmul_dtype = torch.bfloat16``
@@ -75,13 +80,28 @@ class SAE(nn.Module):
         W_dec_FD.uniform_(-bound, bound, generator=generator)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec_FD)
-        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous())
+        self.W_enc_FD = nn.Parameter(W_dec_FD.clone())  # W_enc, feature-major (see the module's docstring)
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.matmul_dtype: torch.dtype | None = None  # None: the parameters' dtype; torch.bfloat16 for bf16 training
         # The sparse step (sae.sparse) is taken while at most this fraction of a batch's [B, F] features is
         # active; 0 (the default outside training): always the dense step. The trainer sets it per device.
         self.sparse_max_density = 0.0
+
+    @property
+    def W_enc(self) -> Tensor:
+        """The encoder [D, F] (SAELens's layout): a view of the feature-major parameter ``W_enc_FD``."""
+        return self.W_enc_FD.T
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        """The state dict holds the encoder as ``W_enc`` [D, F], SAELens's name and layout."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "W_enc"] = destination.pop(prefix + "W_enc_FD").T
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if prefix + "W_enc" in state_dict:  # load_state_dict hands every module its own copy of the dict
+            state_dict[prefix + "W_enc_FD"] = state_dict.pop(prefix + "W_enc").T
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _dtype(self) -> torch.dtype:
         return self.matmul_dtype or self.W_enc.dtype
@@ -160,8 +180,9 @@ class SAE(nn.Module):
 class _Encoder(torch.autograd.Function):
     """pre = x̄ W_enc + b_enc with x̄ = x − b_dec, the matmul in ``dtype`` (the parameters stay float32).
 
-    Its backward is what autograd would give, in fewer operations: W_enc's gradient is one matmul x̄ᵀ g
-    (autograd of x W_enc + (b_enc − b_dec W_enc) adds an outer product to it), and b_dec's gradient
+    Its backward is what autograd would give, in fewer operations: W_enc's gradient is one matmul x̄ᵀ g, taken
+    as (gᵀ x̄)ᵀ so that the feature-major parameter receives gᵀ x̄ without a copy (autograd of
+    x W_enc + (b_enc − b_dec W_enc) would add an outer product to it), and b_dec's gradient
     through the encoder, −W_enc Σ_B g, is a matrix-vector product instead of a [B, F] x [F, D] matmul."""
 
     @staticmethod
@@ -175,7 +196,7 @@ class _Encoder(torch.autograd.Function):
     def backward(ctx, g_BF: Tensor) -> tuple[Tensor | None, ...]:
         xbar_BD, W_enc_DF = ctx.saved_tensors
         g_b_enc_F = g_BF.sum(dim=0).to(W_enc_DF.dtype)  # summed in g's dtype: see batch_stats
-        g_W_enc_DF = (xbar_BD.T @ g_BF.to(xbar_BD.dtype)).to(W_enc_DF.dtype) if ctx.needs_input_grad[1] else None
+        g_W_enc_DF = (g_BF.to(xbar_BD.dtype).T @ xbar_BD).T.to(W_enc_DF.dtype) if ctx.needs_input_grad[1] else None
         g_b_dec_D = -(W_enc_DF @ g_b_enc_F) if ctx.needs_input_grad[3] else None
         g_x_BD = None
         if ctx.needs_input_grad[0]:

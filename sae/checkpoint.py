@@ -48,7 +48,7 @@ def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Pa
     (out / COMPLETE_MARKER).unlink(missing_ok=True)
     (out / SNAPSHOT_FILE).unlink(missing_ok=True)
 
-    _save_parameters(dict(sae.named_parameters()), out / WEIGHTS_FILE)
+    _save_parameters(sae.state_dict(), out / WEIGHTS_FILE)
     if isinstance(trained_or_sae, TrainedSAE) and trained_or_sae.snapshot is not None:
         _save_parameters(trained_or_sae.snapshot, out / SNAPSHOT_FILE)
     sae_cfg = {**saelens_fields(sae), **dataclasses.asdict(cfg)}
@@ -64,7 +64,7 @@ def save_sae(trained_or_sae: TrainedSAE | SAE, cfg: SAEConfig, out_dir: str | Pa
 
 
 def _save_parameters(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """An SAE's parameters by name: SAELens's four, and a tokenized SAE's ``b_tok``."""
+    """An SAE's state dict (SAELens's four weights, and a tokenized SAE's ``b_tok``), as float32 on the CPU."""
     with atomic_path(path) as tmp:
         save_file({name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}, str(tmp))
 
@@ -85,14 +85,8 @@ def load_sae(out_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
     if cfg.dict_size != raw["d_sae"] or raw["architecture"] not in (cfg.arch, SAELENS_ARCHITECTURES.get(cfg.arch)):
         raise ConfigError(f"{out / CFG_FILE} is inconsistent (dict_size/d_sae or arch/architecture differ)")
     sae = build_sae(cfg, raw["d_in"], vocab_size=raw.get("vocab_size"))
-    _load_parameters(sae, load_file(str(out / WEIGHTS_FILE)))
+    sae.load_state_dict(load_file(str(out / WEIGHTS_FILE)))
     return sae.to(device)
-
-
-@torch.no_grad()
-def _load_parameters(sae: SAE, tensors: dict[str, torch.Tensor]) -> None:
-    for name, param in sae.named_parameters():
-        param.copy_(tensors[name])
 
 
 def load_snapshot(out_dir: str | Path, device: str | torch.device = "cpu") -> SAE | None:
@@ -101,7 +95,7 @@ def load_snapshot(out_dir: str | Path, device: str | torch.device = "cpu") -> SA
     if not (out / SNAPSHOT_FILE).exists():
         return None
     sae = load_sae(out, device)
-    _load_parameters(sae, load_file(str(out / SNAPSHOT_FILE)))
+    sae.load_state_dict(load_file(str(out / SNAPSHOT_FILE)))
     return sae
 
 

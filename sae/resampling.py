@@ -42,15 +42,15 @@ def resample_dead(
     directions_KD = x_bar_KD / x_bar_KD.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     alive_F = ~dead_F
-    enc_norms_F = sae.W_enc.norm(dim=0)
+    enc_norms_F = sae.W_enc_FD.norm(dim=1)
     alive_norm = float(enc_norms_F[alive_F].mean()) if bool(alive_F.any()) else 1.0
     sae.W_dec[dead_idx] = directions_KD
-    sae.W_enc[:, dead_idx] = directions_KD.T * (ENCODER_NORM_FACTOR * alive_norm)
+    sae.W_enc_FD[dead_idx] = directions_KD * (ENCODER_NORM_FACTOR * alive_norm)
     sae.b_enc[dead_idx] = 0.0
 
-    for param, index in ((sae.W_dec, (dead_idx,)), (sae.W_enc, (slice(None), dead_idx)), (sae.b_enc, (dead_idx,))):
+    for param in (sae.W_dec, sae.W_enc_FD, sae.b_enc):  # each a row per feature
         state = optimizer.state.get(param, {})
         for name in ("exp_avg", "exp_avg_sq"):
             if name in state:
-                state[name][index] = 0.0
+                state[name][dead_idx] = 0.0
     return n_dead

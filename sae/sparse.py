@@ -182,11 +182,11 @@ class _ActivePreActs(torch.autograd.Function):
         g_b_enc_F = g_N.new_zeros(active.shape[1]).index_add_(0, active.latents_N, g_N)
         g_W_enc_DF = g_b_dec_D = g_x_BD = None
         if ctx.needs_input_grad[1]:
-            g_W_enc_DF = per_latent_sum(active, g_N, x_BD - b_dec_D).T.contiguous()
+            g_W_enc_DF = per_latent_sum(active, g_N, x_BD - b_dec_D).T  # W_enc_FD's gradient, no copy
         if ctx.needs_input_grad[3]:
             g_b_dec_D = -(W_enc_DF @ g_b_enc_F)
         if ctx.needs_input_grad[0]:
-            g_x_BD = per_row_sum(active, g_N, W_enc_DF.T.contiguous())
+            g_x_BD = per_row_sum(active, g_N, W_enc_DF.T.contiguous())  # no copy for an SAE's W_enc (sae.base)
         return g_x_BD, g_W_enc_DF, g_b_enc_F, g_b_dec_D, None, None
 
 

@@ -10,6 +10,7 @@ import pytest
 import scipy.optimize
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from models.transformer import OneLayerTransformer, TransformerConfig
 from sae.activations import array_chunks, model_activations, shuffled_batches
@@ -210,9 +211,10 @@ def test_resampling_revives_planted_dead_features_and_resets_adam():
     assert torch.allclose(sae.W_dec[dead].norm(dim=1), torch.ones(10), atol=1e-5)
     assert torch.allclose(sae.W_enc[:, dead].norm(dim=0), 0.2 * alive_norm.expand(10), atol=1e-5)
     assert (sae.b_enc[dead] == 0).all()
-    for param, cols in ((sae.W_dec, lambda t: t[dead]), (sae.W_enc, lambda t: t[:, dead]), (sae.b_enc, lambda t: t[dead])):
+    for param in (sae.W_dec, sae.W_enc_FD, sae.b_enc):  # every parameter with a row per feature (W_enc's in W_enc_FD)
         state = opt.state[param]
-        assert (cols(state["exp_avg"]) == 0).all() and (cols(state["exp_avg_sq"]) == 0).all()
+        assert (state["exp_avg"][dead] == 0).all() and (state["exp_avg_sq"][dead] == 0).all()
+    assert {id(p) for p in sae.parameters()} == {id(p) for p in (sae.W_dec, sae.W_enc_FD, sae.b_enc, sae.b_dec)}
     assert (opt.state[sae.W_dec]["exp_avg_sq"][~dead] != 0).any()  # untouched rows keep their state
 
 
@@ -370,6 +372,9 @@ def test_checkpoint_round_trip_and_raw_scale_equivalence(tmp_path):
 
     out = save_sae(trained, cfg, tmp_path / "sae", metrics={"fvu": 0.1, "densities": np.zeros(3)})
     assert is_complete(out)
+    on_disk = load_file(str(out / "sae_weights.safetensors"))  # SAELens's names and layout
+    assert {name: tuple(t.shape) for name, t in on_disk.items()} == {"W_enc": (16, 128), "b_enc": (128,), "W_dec": (128, 16), "b_dec": (16,)}
+    assert torch.equal(on_disk["W_enc"], trained.sae.W_enc)
     loaded = load_sae(out)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(getattr(loaded, name), getattr(trained.sae, name))
@@ -382,6 +387,22 @@ def test_checkpoint_round_trip_and_raw_scale_equivalence(tmp_path):
         unfolded.b_enc *= s
         unfolded.b_dec *= s
     assert torch.allclose(loaded(x[:64]).x_hat, unfolded(x[:64] * s).x_hat / s, rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_is_held_feature_major_and_its_state_dict_is_saelens_layout():
+    """W_enc [D, F] is a view of the contiguous [F, D] parameter W_enc_FD (the fused Adam walks a parameter as flat
+    memory, and the sparse step builds the encoder gradient a feature at a time); the state dict speaks W_enc."""
+    sae = build_sae(small_cfg(), 16, torch.Generator().manual_seed(0))
+    assert all(p.is_contiguous() for p in sae.parameters())
+    assert sae.W_enc.shape == (16, 128) and sae.W_enc.data_ptr() == sae.W_enc_FD.data_ptr()
+    state = sae.state_dict()
+    assert list(state) == ["W_dec", "b_enc", "b_dec", "W_enc"] and torch.equal(state["W_enc"], sae.W_enc)
+    other = build_sae(small_cfg(), 16, torch.Generator().manual_seed(1))
+    assert not torch.equal(other.W_enc, sae.W_enc)
+    other.load_state_dict({name: t.contiguous() for name, t in state.items()})  # as a file holds them
+    assert torch.equal(other.W_enc, sae.W_enc) and other.W_enc_FD.is_contiguous()
+    with pytest.raises(RuntimeError, match="W_enc"):
+        other.load_state_dict({name: t for name, t in state.items() if name != "W_enc"})
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
