@@ -43,7 +43,8 @@ class ReLUSAE(SAE):
         f_N = active_pre_acts(x_BD, self.W_enc, self.b_enc, self.b_dec, pre_BF, active)
         mse = F.mse_loss(decode_active(f_N, active, self.W_dec) + self.b_dec, x_BD)  # one fused kernel each way
         l1 = f_N.sum() / len(x_BD)
-        return SAELoss(mse + self.cfg.l1_coeff * l1, mse, l1.detach(), mse.new_zeros(()), active.fires(f_N))
+        # Every active feature is > 0 (Active.positive), so each latent fires on all of its pairs.
+        return SAELoss(mse + self.cfg.l1_coeff * l1, mse, l1.detach(), mse.new_zeros(()), active.latent_counts_F)
 
 
 class _ReLUWithL1Grad(torch.autograd.Function):

@@ -53,18 +53,23 @@ class Active(NamedTuple):
 
     rows_N: Tensor  # [N] int64, ascending
     latents_N: Tensor  # [N] int64, ascending within each row
+    flat_N: Tensor  # [N] int64: the pairs' row-major indices into [B, F] (rows_N · F + latents_N)
     row_starts_B: Tensor  # [B] int64: where each row's pairs start (embedding_bag offsets)
     by_latent_N: Tensor  # [N] int64: the pair order grouped by latent (stable: rows ascending within a latent)
     rows_by_latent_N: Tensor  # [N] int64: rows_N in that order
+    latent_counts_F: Tensor  # [F] int64: each latent's pairs
     latent_starts_F: Tensor  # [F] int64: where each latent's pairs start in that order
     shape: tuple[int, int]  # (B, F)
 
     @classmethod
-    def from_pairs(cls, rows_N: Tensor, latents_N: Tensor, shape: tuple[int, int]) -> "Active":
+    def from_pairs(cls, rows_N: Tensor, latents_N: Tensor, shape: tuple[int, int], flat_N: Tensor | None = None) -> "Active":
+        """The pairs (``rows_N``, ``latents_N``) in row-major order (``flat_N``: their row-major indices, when known)."""
         B, n_latents = shape
         by_latent_N = _stable_order(latents_N, n_latents)
-        return cls(rows_N, latents_N, _starts(rows_N, B), by_latent_N, rows_N[by_latent_N],
-                   _starts(latents_N, n_latents), shape)
+        latent_counts_F = torch.bincount(latents_N, minlength=n_latents)
+        return cls(rows_N, latents_N, rows_N * n_latents + latents_N if flat_N is None else flat_N,
+                   _starts(torch.bincount(rows_N, minlength=B)), by_latent_N, rows_N[by_latent_N],
+                   latent_counts_F, _starts(latent_counts_F), shape)
 
     @classmethod
     def where(cls, mask_BF: Tensor) -> "Active":
@@ -93,7 +98,7 @@ class Active(NamedTuple):
         word_N, lane_N = (bits_BF.view(-1, lanes).index_select(0, words_W) > 0).nonzero(as_tuple=True)
         flat_N = words_W[word_N] * lanes + lane_N  # the active entries' row-major indices, ascending
         rows_N, latents_N = flat_N // n_latents, flat_N % n_latents
-        return cls.from_pairs(rows_N, latents_N, (B, n_latents)) if len(rows_N) <= limit else None
+        return cls.from_pairs(rows_N, latents_N, (B, n_latents), flat_N) if len(rows_N) <= limit else None
 
     @classmethod
     def at(cls, idx_BK: Tensor, n_latents: int) -> "Active":
@@ -114,7 +119,7 @@ class Active(NamedTuple):
 
     def gather(self, t_BF: Tensor) -> Tensor:
         """The entries of a dense [B, F] tensor at the active pairs [N]."""
-        return t_BF.reshape(-1).take(self.rows_N * self.shape[1] + self.latents_N)
+        return t_BF.reshape(-1).take(self.flat_N)
 
 
 def _stable_order(latents_N: Tensor, n_latents: int) -> Tensor:
@@ -125,9 +130,8 @@ def _stable_order(latents_N: Tensor, n_latents: int) -> Tensor:
     return torch.from_numpy(np.argsort(latents_N.numpy().astype(np.uint16), kind="stable"))
 
 
-def _starts(sorted_N: Tensor, n: int) -> Tensor:
-    """Where each value 0..n-1 starts in an ascending ``sorted_N`` (empty groups included)."""
-    counts = torch.bincount(sorted_N, minlength=n)
+def _starts(counts: Tensor) -> Tensor:
+    """Where each group starts in a list sorted by group, from the groups' sizes (empty groups included)."""
     return torch.cumsum(counts, 0) - counts
 
 

@@ -109,6 +109,8 @@ def test_active_pairs_match_the_dense_mask_and_topk():
     for starts, keys in ((active.row_starts_B, active.rows_N), (active.latent_starts_F, active.latents_N[active.by_latent_N])):
         assert torch.equal(starts, torch.searchsorted(keys, torch.arange(len(starts))))  # first pair of each group
     assert torch.equal(active.rows_by_latent_N, active.rows_N[active.by_latent_N])
+    assert torch.equal(active.flat_N, mask.flatten().nonzero().squeeze(1))
+    assert torch.equal(active.latent_counts_F, mask.sum(dim=0))
     idx = torch.tensor([[0, 3], [1, 2]])
     topk = Active.at(idx, 4)
     assert topk.rows_N.tolist() == [0, 0, 1, 1] and topk.latents_N.tolist() == [0, 3, 1, 2]
@@ -124,7 +126,8 @@ def test_positive_features_are_found_word_by_word_as_the_dense_mask_finds_them(d
     f[:, 1] = torch.rand(33, generator=g).to(dtype) + 1  # a latent active on every row
     want = Active.where(f > 0)
     got = Active.positive(f, max_density=1.0)
-    for field in ("rows_N", "latents_N", "row_starts_B", "by_latent_N", "rows_by_latent_N", "latent_starts_F"):
+    for field in ("rows_N", "latents_N", "flat_N", "row_starts_B", "by_latent_N", "rows_by_latent_N", "latent_counts_F",
+                  "latent_starts_F"):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     f[3, :8] = f[3, :8].abs()  # -0.0 -> 0.0 (a -0.0 word counts as active for the first, coarse check only: see Active.positive)
     n_active = len(want)
