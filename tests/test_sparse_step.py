@@ -137,9 +137,9 @@ def test_positive_features_are_found_word_by_word_as_the_dense_mask_finds_them(d
 
 def test_the_latent_order_is_a_stable_argsort_for_any_dictionary_size():
     g = torch.Generator().manual_seed(3)
-    for n_latents in (7, 1 << 16, (1 << 16) + 1):  # numpy's radix sort up to 16-bit ids, torch's beyond
+    for n_latents in (7, 1 << 16, (1 << 16) + 1):  # a radix sort of uint16 ids up to 16 bits, a merge sort beyond
         latents = torch.randint(0, n_latents, (5000,), generator=g)
-        assert torch.equal(_stable_order(latents, n_latents), torch.argsort(latents, stable=True))
+        assert torch.equal(torch.from_numpy(_stable_order(latents.numpy(), n_latents)), torch.argsort(latents, stable=True))
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk"])
