@@ -36,8 +36,8 @@ from torch import Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
 # The density of active [B, F] entries up to which the sparse step is taken on CPU. benchmarks/bench_sae.py
-# --densities (bf16, batch 1,024, a busy 2-core machine): 1.2-3x faster than the dense step at 2%, as fast
-# at about 5% (its costs grow with the active pairs, the dense step's do not), slower at 50% (the first steps).
+# --densities (bf16, batch 1,024, a busy 2-core machine): 1.8-2.1x faster than the dense step at 2%, 0.92-0.98x
+# of its speed at 5% (its costs grow with the active pairs, the dense step's do not), slower at 50% (the first steps).
 CPU_SPARSE_MAX_DENSITY = 0.05
 _SIGNED_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer views of floats
 
