@@ -195,10 +195,17 @@ class _Encoder(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_BF: Tensor) -> tuple[Tensor | None, ...]:
         xbar_BD, W_enc_DF = ctx.saved_tensors
-        g_b_enc_F = g_BF.sum(dim=0).to(W_enc_DF.dtype)  # summed in g's dtype: see batch_stats
-        g_W_enc_DF = (g_BF.to(xbar_BD.dtype).T @ xbar_BD).T.to(W_enc_DF.dtype) if ctx.needs_input_grad[1] else None
-        g_b_dec_D = -(W_enc_DF @ g_b_enc_F) if ctx.needs_input_grad[3] else None
-        g_x_BD = None
-        if ctx.needs_input_grad[0]:
-            g_x_BD = (g_BF.to(xbar_BD.dtype) @ W_enc_DF.to(xbar_BD.dtype).T).to(W_enc_DF.dtype)
-        return g_x_BD, g_W_enc_DF, g_b_enc_F, g_b_dec_D, None
+        return (*encoder_backward(g_BF, xbar_BD, W_enc_DF, ctx.needs_input_grad), None)
+
+
+def encoder_backward(g_BF: Tensor, xbar_BD: Tensor, W_enc_DF: Tensor,
+                     needs_input_grad: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients (x, W_enc, b_enc, b_dec) of pre = x̄ W_enc + b_enc from g = d loss / d pre (see ``_Encoder``),
+    the products in x̄'s dtype (the matmul dtype) and the gradients in W_enc's."""
+    g_b_enc_F = g_BF.sum(dim=0).to(W_enc_DF.dtype)  # summed in g's dtype: see batch_stats
+    g_W_enc_DF = (g_BF.to(xbar_BD.dtype).T @ xbar_BD).T.to(W_enc_DF.dtype) if needs_input_grad[1] else None
+    g_b_dec_D = -(W_enc_DF @ g_b_enc_F) if needs_input_grad[3] else None
+    g_x_BD = None
+    if needs_input_grad[0]:
+        g_x_BD = (g_BF.to(xbar_BD.dtype) @ W_enc_DF.to(xbar_BD.dtype).T).to(W_enc_DF.dtype)
+    return g_x_BD, g_W_enc_DF, g_b_enc_F, g_b_dec_D

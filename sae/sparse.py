@@ -158,7 +158,8 @@ def row_dots(active: Active, A_BD: Tensor, W_FD: Tensor) -> Tensor:
 def active_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor, pre_BF: Tensor,
                     active: Active) -> Tensor:
     """The pre-activations at the active pairs [N] (in the parameters' dtype), taken from the dense
-    ``pre_BF`` already computed; their backward is the encoder's, over the active pairs only."""
+    ``pre_BF`` already computed (or from its ReLU, where the pairs are those > 0: there they are equal);
+    their backward is the encoder's, over the active pairs only."""
     return _ActivePreActs.apply(x_BD, W_enc_DF, b_enc_F, b_dec_D, pre_BF.detach(), active)
 
 

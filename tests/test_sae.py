@@ -146,6 +146,39 @@ def test_encoder_backward_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda *a: _Encoder.apply(*a, torch.float64), (x, W_enc, b_enc, b_dec))
 
 
+def test_relu_encoder_backward_matches_finite_differences():
+    """The ReLU SAE's encoder (ReLU fused into the product; its L1 gradient, when coeff > 0, is tested with the
+    loss against the dense reference in tests/test_sparse_step.py), gradcheck in float64 with coeff 0."""
+    from sae.relu import _ReLUEncoder
+
+    g = torch.Generator().manual_seed(0)
+    x, W_enc, b_enc, b_dec = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                              for shape in ((6, 4), (4, 5), (5,), (4,)))
+    f = _ReLUEncoder.apply(x, W_enc, b_enc, b_dec, torch.float64, 0.0)
+    assert 0 < int((f > 0).sum()) < f.numel()  # both sides of the ReLU
+    assert torch.autograd.gradcheck(lambda *a: _ReLUEncoder.apply(*a, torch.float64, 0.0), (x, W_enc, b_enc, b_dec))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B, D, F", [(1024, 512, 2048), (7, 5, 3), (1, 9, 66), (0, 4, 8)])
+def test_linear_relu_is_relu_of_the_product_to_the_dtypes_rounding(dtype, B, D, F):
+    """``linear_relu`` (a fused CPU kernel where the build has one, else addmm) against ReLU(x Wᵀ + b) in float64 on
+    the same (rounded) inputs, within the textbook bound of a dot product accumulated in float32 (or float64) and
+    its result rounded to the dtype: D · eps_acc · (|x| |W|ᵀ + |b|) + eps · |result|."""
+    from sae.relu import linear_relu
+
+    g = torch.Generator().manual_seed(0)
+    x, W, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((B, D), (F, D), (F,)))
+    got = linear_relu(x, W, b)
+    assert got.dtype == dtype and got.shape == (B, F)
+    x, W, b = x.double(), W.double(), b.double()
+    want = torch.relu(x @ W.T + b)
+    eps_acc = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    bound = D * eps_acc * (x.abs() @ W.abs().T + b.abs()) + torch.finfo(dtype).eps * want
+    assert torch.all((got.double() - want).abs() <= bound)
+    assert torch.all(got[(x @ W.T + b) < -1] == 0)
+
+
 def test_bf16_loss_and_gradients_follow_fp32():
     """One bf16 step against the float32 one: same loss to 1%, gradients pointing the same way."""
     torch.manual_seed(0)

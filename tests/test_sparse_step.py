@@ -42,7 +42,7 @@ def loss_and_grads(sae: SAE, loss_fn, x: torch.Tensor, dead: torch.Tensor | None
 
 
 @pytest.mark.parametrize("arch, k, max_density, sparse_ops", [
-    ("relu", 8, 0.0, {"_ReLUWithL1GradBackward"}),  # dense, with the L1 gradient fused into the ReLU
+    ("relu", 8, 0.0, {"_ReLUEncoderBackward"}),  # dense, with the L1 gradient fused into the encoder
     ("relu", 8, 1.0, {"_ActivePreActsBackward", "_ActiveDecodeBackward"}),
     ("topk", 8, 1.0, {"_ActivePreActsBackward", "_ActiveDecodeBackward"}),  # AuxK sparse too
     ("topk", 4, 0.1, {"_ActivePreActsBackward", "_ActiveDecodeBackward", "MmBackward0"}),  # k/F sparse, k_aux/F dense
