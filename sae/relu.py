@@ -5,11 +5,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sae.base import SAE, SAELoss, batch_stats, encoder_backward
-from sae.sparse import Active, active_pre_acts, decode_active
+from sae.sparse import Active, active_mse, active_pre_acts
 
 
 class ReLUSAE(SAE):
@@ -45,7 +44,7 @@ class ReLUSAE(SAE):
         """The loss over the active features only: on them the ReLU is the identity and |f| = f, so the
         L1 term is the sum of their pre-activations and its gradient a constant added to theirs."""
         f_N = active_pre_acts(x_BD, self.W_enc, self.b_enc, self.b_dec, f_BF, active)  # f = pre where f > 0
-        mse = F.mse_loss(decode_active(f_N, active, self.W_dec) + self.b_dec, x_BD)  # one fused kernel each way
+        mse, _ = active_mse(f_N, active, self.W_dec, self.b_dec, x_BD)
         l1 = f_N.sum() / len(x_BD)
         # Every active feature is > 0 (Active.positive), so each latent fires on all of its pairs.
         return SAELoss(mse + self.cfg.l1_coeff * l1, mse, l1.detach(), mse.new_zeros(()), active.latent_counts_F)

@@ -163,9 +163,10 @@ def active_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Te
     return _ActivePreActs.apply(x_BD, W_enc_DF, b_enc_F, b_dec_D, pre_BF.detach(), active)
 
 
-def decode_active(vals_N: Tensor, active: Active, W_dec_FD: Tensor) -> Tensor:
-    """f W_dec [B, D] for the sparse f with ``vals_N`` at the active pairs (no decoder bias)."""
-    return _ActiveDecode.apply(vals_N, W_dec_FD, active)
+def active_mse(vals_N: Tensor, active: Active, W_dec_FD: Tensor, b_D: Tensor | None, target_BD: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean((f W_dec + b − target)²), the residual f W_dec + b − target [B, D], detached) for the sparse f with
+    ``vals_N`` at the active pairs (b: the decoder bias, or None)."""
+    return _ActiveSquaredError.apply(vals_N, W_dec_FD, b_D, target_BD, active)
 
 
 class _ActivePreActs(torch.autograd.Function):
@@ -195,20 +196,31 @@ class _ActivePreActs(torch.autograd.Function):
         return g_x_BD, g_W_enc_DF, g_b_enc_F, g_b_dec_D, None, None
 
 
-class _ActiveDecode(torch.autograd.Function):
-    """x̂ = f W_dec for the sparse f; backward: g_f at the active pairs (g_x̂ W_decᵀ sampled there) and
-    g_W_dec = fᵀ g_x̂, whose rows are nonzero only for latents active in the batch."""
+class _ActiveSquaredError(torch.autograd.Function):
+    """mse = mean(r²), r = f W_dec + b − target, for the sparse f. The forward decodes over the active pairs and
+    forms r in place; the backward scales N-vectors instead of r: with c = 2 g_mse / r.numel(), g_f at the active
+    pairs is c (r W_decᵀ) sampled there, g_W_dec = fᵀ (c r) (nonzero rows only for latents active in the batch),
+    g_b = c Σ_B r, g_target = −c r (a tokenized SAE's token bias learns through its target)."""
 
     @staticmethod
-    def forward(ctx, vals_N: Tensor, W_dec_FD: Tensor, active: Active) -> Tensor:
-        ctx.save_for_backward(vals_N, W_dec_FD)
+    def forward(ctx, vals_N: Tensor, W_dec_FD: Tensor, b_D: Tensor | None, target_BD: Tensor,
+                active: Active) -> tuple[Tensor, Tensor]:
+        r_BD = per_row_sum(active, vals_N.to(W_dec_FD.dtype), W_dec_FD).sub_(target_BD)
+        if b_D is not None:
+            r_BD.add_(b_D)
+        flat = r_BD.view(-1)
+        ctx.save_for_backward(vals_N, W_dec_FD, r_BD)
         ctx.active = active
-        return per_row_sum(active, vals_N.to(W_dec_FD.dtype), W_dec_FD)
+        ctx.mark_non_differentiable(r_BD)
+        return torch.dot(flat, flat) / flat.numel(), r_BD
 
     @staticmethod
-    def backward(ctx, g_BD: Tensor) -> tuple[Tensor | None, ...]:
-        vals_N, W_dec_FD = ctx.saved_tensors
+    def backward(ctx, g_mse: Tensor, _g_r: Tensor | None) -> tuple[Tensor | None, ...]:
+        vals_N, W_dec_FD, r_BD = ctx.saved_tensors
         active: Active = ctx.active
-        g_vals_N = row_dots(active, g_BD, W_dec_FD).to(vals_N.dtype) if ctx.needs_input_grad[0] else None
-        g_W_dec_FD = per_latent_sum(active, vals_N, g_BD) if ctx.needs_input_grad[1] else None
-        return g_vals_N, g_W_dec_FD, None
+        c = 2 * g_mse / r_BD.numel()
+        g_vals_N = (row_dots(active, r_BD, W_dec_FD) * c).to(vals_N.dtype) if ctx.needs_input_grad[0] else None
+        g_W_dec_FD = per_latent_sum(active, vals_N * c, r_BD) if ctx.needs_input_grad[1] else None
+        g_b_D = r_BD.sum(dim=0) * c if ctx.needs_input_grad[2] else None
+        g_target_BD = r_BD * -c if ctx.needs_input_grad[3] else None
+        return g_vals_N, g_W_dec_FD, g_b_D, g_target_BD, None

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sae.base import SAE, SAELoss
-from sae.sparse import Active, active_pre_acts, decode_active
+from sae.sparse import Active, active_mse, active_pre_acts
 
 
 class TopKSAE(SAE):
@@ -34,9 +33,8 @@ class TopKSAE(SAE):
         pre_BF = self.pre_acts(x_BD)
         active = Active.at(self.top_k(pre_BF.detach())[1], self.d_sae)
         f_N = self._active_features(x_BD, pre_BF, active)
-        x_hat_BD = decode_active(f_N, active, self.W_dec) + self.b_dec
-        mse = F.mse_loss(x_hat_BD, x_BD)  # one fused kernel each way
-        aux = self.aux_loss(x_BD, x_hat_BD, pre_BF, dead_F)
+        mse, residual_BD = active_mse(f_N, active, self.W_dec, self.b_dec, x_BD)
+        aux = self.aux_loss(x_BD, x_BD + residual_BD, pre_BF, dead_F)
         f_N = f_N.detach()
         return SAELoss(mse + aux, mse, f_N.sum() / len(x_BD), aux, active.fires(f_N))
 
@@ -52,14 +50,14 @@ class TopKSAE(SAE):
             return x_BD.new_zeros(())
         k_aux = min(self.d_in // 2, n_dead)
         idx_BK = pre_BF.detach().masked_fill(~dead_F, float("-inf")).topk(k_aux, dim=1, sorted=False).indices
+        error_BD = (x_BD - x_hat_BD).detach()
         if self.takes_sparse_step(k_aux / self.d_sae):
             active = Active.at(idx_BK.sort(dim=1).values, self.d_sae)
-            recon_BD = decode_active(self._active_features(x_BD, pre_BF, active), active, self.W_dec)
+            aux_mse, _ = active_mse(self._active_features(x_BD, pre_BF, active), active, self.W_dec, None, error_BD)
         else:
             f_aux_BF = torch.zeros_like(pre_BF).scatter_(1, idx_BK, torch.relu(pre_BF.gather(1, idx_BK)))
-            recon_BD = self.directions_sum(f_aux_BF)
-        error_BD = (x_BD - x_hat_BD).detach()
-        return self.cfg.aux_k_coeff * (recon_BD - error_BD).pow(2).mean()
+            aux_mse = (self.directions_sum(f_aux_BF) - error_BD).pow(2).mean()
+        return self.cfg.aux_k_coeff * aux_mse
 
     def _active_features(self, x_BD: Tensor, pre_BF: Tensor, active: Active) -> Tensor:
         """ReLU of the pre-activations at the active pairs [N], with the sparse encoder backward."""

@@ -8,7 +8,7 @@ import torch
 from sae.base import SAE
 from sae.registry import build_sae
 from sae.relu import ReLUSAE
-from sae.sparse import Active, _ActiveDecode, _ActivePreActs, _stable_order, sparse_max_density
+from sae.sparse import Active, _ActivePreActs, _ActiveSquaredError, _stable_order, sparse_max_density
 from sae.training import train_sae
 from universality.core.config import SAEConfig
 
@@ -43,9 +43,9 @@ def loss_and_grads(sae: SAE, loss_fn, x: torch.Tensor, dead: torch.Tensor | None
 
 @pytest.mark.parametrize("arch, k, max_density, sparse_ops", [
     ("relu", 8, 0.0, {"_ReLUEncoderBackward"}),  # dense, with the L1 gradient fused into the encoder
-    ("relu", 8, 1.0, {"_ActivePreActsBackward", "_ActiveDecodeBackward"}),
-    ("topk", 8, 1.0, {"_ActivePreActsBackward", "_ActiveDecodeBackward"}),  # AuxK sparse too
-    ("topk", 4, 0.1, {"_ActivePreActsBackward", "_ActiveDecodeBackward", "MmBackward0"}),  # k/F sparse, k_aux/F dense
+    ("relu", 8, 1.0, {"_ActivePreActsBackward", "_ActiveSquaredErrorBackward"}),
+    ("topk", 8, 1.0, {"_ActivePreActsBackward", "_ActiveSquaredErrorBackward"}),  # AuxK sparse too
+    ("topk", 4, 0.1, {"_ActivePreActsBackward", "_ActiveSquaredErrorBackward", "MmBackward0"}),  # k/F sparse, k_aux/F dense
 ])
 def test_loss_matches_dense_float64_reference(arch, k, max_density, sparse_ops):
     """Every path of ``loss`` against ``SAE.loss``, the plain dense autograd reference, in float64: the loss,
@@ -74,7 +74,7 @@ def test_relu_takes_the_sparse_step_only_while_few_features_are_active():
     density = float((sae.pre_acts(x) > 0).double().mean())
     for max_density, expect_sparse in ((density * 0.99, False), (density, True), (0.0, False)):
         sae.sparse_max_density = max_density
-        assert ("_ActiveDecodeBackward" in graph_ops(sae.loss(x).loss)) == expect_sparse, max_density
+        assert ("_ActiveSquaredErrorBackward" in graph_ops(sae.loss(x).loss)) == expect_sparse, max_density
 
 
 def test_sparse_backwards_match_finite_differences():
@@ -96,7 +96,10 @@ def test_sparse_backwards_match_finite_differences():
     assert torch.autograd.gradcheck(pre_acts, (x, W_enc, b_enc, b_dec))
     vals = torch.rand(len(active), generator=g, dtype=torch.float64, requires_grad=True)
     W_dec = torch.randn(F, D, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v, W: _ActiveDecode.apply(v, W, active), (vals, W_dec))
+    target = torch.randn(B, D, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _ActiveSquaredError.apply(*a, active)[0], (vals, W_dec, b_dec, target))
+    assert torch.autograd.gradcheck(lambda *a: _ActiveSquaredError.apply(a[0], a[1], None, a[2], active)[0],
+                                    (vals, W_dec, target))  # no bias (AuxK)
 
 
 def test_active_pairs_match_the_dense_mask_and_topk():
