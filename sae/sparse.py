@@ -89,10 +89,11 @@ class Active(NamedTuple):
         if torch.count_nonzero(words) > limit:  # at least one active feature per nonzero word
             return None
         words_W = words.nonzero().squeeze(1)
-        word_N, lane_N = (bits_BF.view(-1, lanes).index_select(0, words_W) > 0).nonzero(as_tuple=True)
+        lanes_L = bits_BF.view(-1, lanes).index_select(0, words_W).cpu().numpy().reshape(-1)  # the nonzero words' lanes
+        word_N, lane_N = np.divmod(np.flatnonzero(lanes_L > 0), lanes)  # numpy: half of torch's time on these few
         if len(word_N) > limit:
             return None
-        flat_N = words_W.cpu().numpy()[word_N.cpu().numpy()] * lanes + lane_N.cpu().numpy()  # ascending
+        flat_N = words_W.cpu().numpy()[word_N] * lanes + lane_N  # ascending
         return cls._of_flat(flat_N, (B, n_latents), f_BF.device)
 
     @classmethod
