@@ -7,12 +7,13 @@ One training step = the SAE's loss, backward and the constrained Adam step, time
 biases are set so that each latent fires on l0/F of the batch (L0 ≈ ``--l0``, as on the real data: 18 of
 2,048), on MLP-like (non-negative) random inputs, at a learning rate too small to move L0 while timed.
 Each time is the best single step of ``--steps`` after two warm-up steps, the paths interleaved over
-three repeats (the machine may be shared). "dense" is the step the trainer took before the sparse one
+five repeats (the machine may be shared). "dense" is the step the trainer took before the sparse one
 existed (ReLUSAE.loss with the fused L1 gradient; for TopK SAE.loss, the dense reference); "auto" is what
 the trainer takes now on the device: sparse while the active density is at most
-``sae.sparse.sparse_max_density(device)``, else dense. The density sweep shows where they cross (the
-first steps of a ReLU SAE are far denser than its last). Peak memory: the step's peak resident memory
-(CUDA: allocated memory) above what the process held before it.
+``sae.sparse.sparse_max_density(device)``, else dense. The density sweep times the sparse step itself
+("sparse", taken whatever the density) against the dense one, to show where they cross (the first steps of
+a ReLU SAE are far denser than its last), and says which of the two the trainer takes there. Peak memory:
+the step's peak resident memory (CUDA: allocated memory) above what the process held before it.
 
 The dense ReLU step does five [B, D] x [D, F]-sized matmuls, 2·D·F FLOP per sample each (encoder forward
 x̄ W_enc, decoder forward f W_dec, decoder weight grad fᵀ g_x̂, feature grad g_x̂ W_decᵀ, encoder weight grad
@@ -40,7 +41,7 @@ from universality.core.config import SAEConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _LIBC = ctypes.CDLL(None)  # malloc_trim (glibc), used only where /proc/self/clear_refs exists (Linux)
-REPEATS = 3  # each timing is the best over this many interleaved repeats (the machine may be shared)
+REPEATS = 5  # each timing is the best over this many interleaved repeats (the machine may be shared)
 
 
 def matmul_flops_per_s(B: int, D: int, F: int, dtype: torch.dtype, device: str, reps: int) -> float:
@@ -95,11 +96,14 @@ def step_timer(sae: SAE, x_BD: torch.Tensor, device: str, max_density: float) ->
     return steps
 
 
-def compare(cfg: SAEConfig, x_BD: torch.Tensor, l0: float, device: str, n: int) -> dict[str, tuple[float, float, float]]:
-    """{"dense", "auto"}: (best step seconds, L0, peak MiB) of one SAE at L0 ≈ l0, the paths interleaved."""
+def compare(cfg: SAEConfig, x_BD: torch.Tensor, l0: float, device: str, n: int,
+            max_density: float | None = None) -> dict[str, tuple[float, float, float]]:
+    """{"dense", "other"}: (best step seconds, L0, peak MiB) of one SAE at L0 ≈ l0, the paths interleaved; the other
+    path is sparse up to ``max_density`` (None: the trainer's threshold on the device, "auto"; 1: always sparse)."""
     sae = sae_at_l0(cfg, x_BD, l0)
     sae.matmul_dtype = DTYPES[cfg.precision]
-    timers = {"dense": step_timer(sae, x_BD, device, 0.0), "auto": step_timer(sae, x_BD, device, sparse_max_density(device))}
+    other = sparse_max_density(device) if max_density is None else max_density
+    timers = {"dense": step_timer(sae, x_BD, device, 0.0), "other": step_timer(sae, x_BD, device, other)}
     best: dict[str, tuple[float, float, float]] = {}
     for _ in range(REPEATS):
         for name, timer in timers.items():
@@ -141,10 +145,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _row(label: str, B: int, result: dict[str, tuple[float, float, float]]) -> str:
-    (dense, l0, dense_mib), (auto, _, auto_mib) = result["dense"], result["auto"]
+def _row(label: str, B: int, result: dict[str, tuple[float, float, float]], other: str = "auto") -> str:
+    (dense, l0, dense_mib), (fast, _, fast_mib) = result["dense"], result["other"]
     return (f"{label:<22} L0 {l0:7.1f} | dense {B / dense:8.0f} samples/s {dense * 1e3:7.1f} ms {dense_mib:5.0f} MiB | "
-            f"auto {B / auto:8.0f} samples/s {auto * 1e3:7.1f} ms {auto_mib:5.0f} MiB | {dense / auto:5.2f}x")
+            f"{other:<6} {B / fast:8.0f} samples/s {fast * 1e3:7.1f} ms {fast_mib:5.0f} MiB | {dense / fast:5.2f}x")
 
 
 def main() -> None:
@@ -154,7 +158,7 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--l0", type=float, default=18.0, help="active latents per input for the ReLU steps")
-    parser.add_argument("--densities", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.5],
+    parser.add_argument("--densities", type=float, nargs="*", default=[0.02, 0.05, 0.075, 0.1, 0.2],
                         help="active densities of the bf16 ReLU sweep (the first steps of training are denser)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--device", default="cpu")
@@ -177,8 +181,10 @@ def main() -> None:
             achieved = 10 * D * F * B / result["dense"][0]
             print(_row(f"ReLU {name}", B, result) + f" | matmul {peak / 1e9:.0f} GFLOP/s, dense step {achieved / peak:.2f} of it")
         for density in args.densities:
-            result = compare(SAEConfig(dict_size=F, batch_size=B, samples=B, precision="bf16"), x_BD, density * F, device, args.steps)
-            print(_row(f"ReLU bf16 at {density:.0%}", B, result))
+            cfg = SAEConfig(dict_size=F, batch_size=B, samples=B, precision="bf16")
+            result = compare(cfg, x_BD, density * F, device, args.steps, max_density=1.0)
+            takes = "sparse" if result["other"][1] / F <= sparse_max_density(device) else "dense"
+            print(_row(f"ReLU bf16 at {density:.0%}", B, result, "sparse") + f" | the trainer takes {takes}")
         for name in DTYPES:
             cfg = SAEConfig(arch="topk", k=args.k, dict_size=F, batch_size=B, samples=B, precision=name)
             print(_row(f"TopK k={args.k} {name}", B, compare(cfg, x_BD, args.k, device, args.steps)))

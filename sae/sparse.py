@@ -35,10 +35,11 @@ from torch import Tensor
 # The CSR pattern below is built correct by construction; torch warns once per process that CSR is "beta".
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
-# The density of active [B, F] entries up to which the sparse step is taken on CPU. benchmarks/bench_sae.py
-# --densities (bf16, batch 1,024, a busy 2-core machine): 1.8-2.1x faster than the dense step at 2%, 0.92-0.98x
-# of its speed at 5% (its costs grow with the active pairs, the dense step's do not), slower at 50% (the first steps).
-CPU_SPARSE_MAX_DENSITY = 0.05
+# The density of active [B, F] entries up to which the sparse step is taken on CPU. Its costs grow with the
+# active pairs, the dense step's do not; benchmarks/bench_sae.py --densities (the sparse step forced, batch 1,024,
+# a busy 2-core machine), bf16 at 2,048: 2.0x the dense step's speed at 2%, 1.5x at 5%, 1.2x at 8%, 0.9x at 10%
+# (4,096: 1.5x at 5%, 1.1x at 8%, 1.0x at 10%; float32 crosses later, 1.9x at 8%): the first steps are denser.
+CPU_SPARSE_MAX_DENSITY = 0.08
 _SIGNED_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-width integer views of floats
 
 
