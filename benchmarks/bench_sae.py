@@ -184,7 +184,7 @@ def main() -> None:
             cfg = SAEConfig(dict_size=F, batch_size=B, samples=B, precision="bf16")
             result = compare(cfg, x_BD, density * F, device, args.steps, max_density=1.0)
             takes = "sparse" if result["other"][1] / F <= sparse_max_density(device) else "dense"
-            print(_row(f"ReLU bf16 at {density:.0%}", B, result, "sparse") + f" | the trainer takes {takes}")
+            print(_row(f"ReLU bf16 at {density * 100:g}%", B, result, "sparse") + f" | the trainer takes {takes}")
         for name in DTYPES:
             cfg = SAEConfig(arch="topk", k=args.k, dict_size=F, batch_size=B, samples=B, precision=name)
             print(_row(f"TopK k={args.k} {name}", B, compare(cfg, x_BD, args.k, device, args.steps)))

@@ -19,6 +19,7 @@ class ReLUSAE(SAE):
         return self.cfg.l1_coeff * f_BF.sum(dim=1)
 
     def encode(self, x_BD: Tensor, tokens_B: Tensor | None = None) -> Tensor:
+        """ReLU(x̄ W_enc + b_enc), the bias and ReLU fused into the product (``linear_relu``)."""
         return _ReLUEncoder.apply(x_BD, self.W_enc, self.b_enc, self.b_dec, self._dtype(), 0.0)
 
     def loss(self, x_BD: Tensor, dead_F: Tensor | None = None, tokens_B: Tensor | None = None) -> SAELoss:
